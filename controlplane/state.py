@@ -1,0 +1,136 @@
+"""The desired state: models, their versions, weights and endpoints. Pure data, no I/O.
+
+Everything else derives from it: the xDS snapshot, the admin API's answers, the persisted
+copy in the store. Changes go through the small functions here so that validation lives in
+one place and a rejected change leaves the state untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.config import Backend, Config, ModelConfig
+from controlplane.errors import Invalid, NotFound
+
+VERSION_STATES = ("starting", "active", "sleeping", "waking", "error", "stopped")
+
+
+@dataclass
+class Endpoint:
+    """One backend address of a version; only ready endpoints are sent to Envoy."""
+
+    url: str  # http://host:port
+    ready: bool = True
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.url.split("://", 1)[1].rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass
+class Version:
+    name: str
+    weight: int
+    backend: Backend
+    state: str = "starting"
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "active" and any(endpoint.ready for endpoint in self.endpoints)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weight": self.weight,
+            "ready": self.ready,
+            "state": self.state,
+            "endpoints": [endpoint.url for endpoint in self.endpoints],
+            "backend": self.backend.model_dump(exclude_none=True),
+        }
+
+
+@dataclass
+class Model:
+    name: str
+    versions: dict[str, Version]
+    stable: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    active_rollout: str | None = None
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return {name: version.weight for name, version in self.versions.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [version.to_json() for version in self.versions.values()],
+            "stable": self.stable,
+            "active_rollout": self.active_rollout,
+        }
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Model:
+        versions = {
+            version.name: Version(version.name, version.weight, version.backend)
+            for version in config.versions
+        }
+        stable = max(config.versions, key=lambda version: version.weight).name
+        return cls(config.name, versions, stable)
+
+
+@dataclass
+class State:
+    """All models by name, in configuration order."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> State:
+        return cls({model.name: Model.from_config(model) for model in config.models})
+
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model {name!r}", field="model") from None
+
+
+def check_weights(model: Model, weights: Any) -> dict[str, int]:
+    """Validate a full weight assignment for `model`; return it in version order.
+
+    Versions left out get 0, so `{"v2": 100}` is a complete flip. Raises Invalid naming
+    the offending field; never touches the model.
+    """
+    if not isinstance(weights, dict) or not weights:
+        raise Invalid("weights must be a non-empty object of version: percent", field="weights")
+    for name, weight in weights.items():
+        if name not in model.versions:
+            known = ", ".join(model.versions)
+            raise Invalid(
+                f"model {model.name!r} has no version {name!r} (versions: {known})",
+                field=f"weights.{name}",
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise Invalid(
+                f"weight must be an integer percent, got {weight!r}", field=f"weights.{name}"
+            )
+        if not 0 <= weight <= 100:
+            raise Invalid(f"weight must be from 0 to 100, got {weight}", field=f"weights.{name}")
+    total = sum(weights.values())
+    if total != 100:
+        raise Invalid(f"weights must sum to 100, got {total}", field="weights")
+    return {name: weights.get(name, 0) for name in model.versions}
+
+
+def apply_weights(model: Model, weights: dict[str, int]) -> None:
+    """Set already-checked weights; a version that now holds all traffic becomes `stable`."""
+    for name, weight in weights.items():
+        model.versions[name].weight = weight
+    full = [name for name, weight in weights.items() if weight == 100]
+    if full:
+        model.stable = full[0]

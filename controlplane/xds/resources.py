@@ -1,0 +1,398 @@
+"""The desired state turned into Envoy's xDS resources (protobuf messages).
+
+One cluster per model version (`<model>@<version>`, endpoints by EDS), one listener whose
+`json_to_metadata` filter lifts the body's `model` into dynamic metadata, and one route
+configuration that matches it: pinned versions first, then the weighted split, then the
+OpenAI-style errors. Built with message constructors (no dict parsing) because this runs
+on every change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    substitution_format_string_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+
+from controlplane.state import Model, State
+
+LISTENER_NAME = "switchyard"
+ROUTE_CONFIG_NAME = "switchyard"
+METADATA_NAMESPACE = "switchyard"
+VERSION_HEADER = "x-switchyard-version"
+MISSING_MODEL = "__missing__"  # json_to_metadata's marker: JSON body without `model`
+INVALID_BODY = "__invalid__"  # json_to_metadata's marker: body is not JSON
+# Long generations stream for minutes: no total timeout, but a stream silent this long is dead.
+STREAM_IDLE_TIMEOUT_S = 300
+# json_to_metadata buffers the request body; long prompts and images exceed Envoy's 1 MiB.
+BODY_BUFFER_LIMIT = 32 * 1024 * 1024
+
+
+def cluster_name(model: str, version: str) -> str:
+    return f"{model}@{version}"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """What the listener needs beyond the models: where to listen."""
+
+    host: str
+    port: int
+
+
+def build_clusters(state: State) -> list[cluster_pb2.Cluster]:
+    return [
+        _cluster(cluster_name(model.name, version))
+        for model in state.models.values()
+        for version in model.versions
+    ]
+
+
+def _cluster(name: str) -> cluster_pb2.Cluster:
+    # vLLM queues internally; Envoy's default of 1024 concurrent requests would cap a fleet.
+    limits = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_connections=wrappers_pb2.UInt32Value(value=100_000),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
+        max_requests=wrappers_pb2.UInt32Value(value=100_000),
+        max_retries=wrappers_pb2.UInt32Value(value=1_000),
+    )
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[limits]),
+    )
+
+
+def build_endpoints(state: State) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    """Only ready endpoints: traffic must never reach a backend that cannot answer."""
+    assignments = []
+    for model in state.models.values():
+        for version in model.versions.values():
+            lb_endpoints = [
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(address=_address(*ep.host_port))
+                )
+                for ep in version.endpoints
+                if ep.ready
+            ]
+            assignments.append(
+                endpoint_pb2.ClusterLoadAssignment(
+                    cluster_name=cluster_name(model.name, version.name),
+                    endpoints=[
+                        endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)
+                    ],
+                )
+            )
+    return assignments
+
+
+def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
+    body_to_metadata = json_to_metadata_pb2.JsonToMetadata(
+        request_rules=json_to_metadata_pb2.JsonToMetadata.MatchRules(
+            rules=[
+                json_to_metadata_pb2.JsonToMetadata.Rule(
+                    selectors=[json_to_metadata_pb2.JsonToMetadata.Selector(key="model")],
+                    on_present=_metadata_pair(None),
+                    on_missing=_metadata_pair(MISSING_MODEL),
+                    on_error=_metadata_pair(INVALID_BODY),
+                )
+            ],
+            # `curl -d` sends form-urlencoded: read every body as JSON, whatever it claims.
+            allow_content_types_regex=regex_pb2.RegexMatcher(regex=".*"),
+            allow_empty_content_type=True,
+        )
+    )
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="switchyard",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.json_to_metadata", typed_config=_pack(body_to_metadata)
+            ),
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())
+            ),
+        ],
+        stream_idle_timeout=duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S),
+        request_timeout=duration_pb2.Duration(seconds=0),
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_address(proxy.host, proxy.port),
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BODY_BUFFER_LIMIT),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_pack(manager),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def build_route_config(state: State) -> route_pb2.RouteConfiguration:
+    routes = [_models_list_route(state)]
+    for model in state.models.values():
+        routes.extend(_model_routes(model))
+    routes.extend(_error_routes())
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name="openai", domains=["*"], routes=routes)
+        ],
+    )
+
+
+def _model_routes(model: Model) -> list[route_components_pb2.Route]:
+    """Pinned versions (preview header), an unknown pin, then the weighted split."""
+    routes = []
+    for version in model.versions.values():
+        routes.append(
+            route_components_pb2.Route(
+                name=f"{model.name}/pin/{version.name}",
+                match=_metadata_match(model.name, _header_exact(VERSION_HEADER, version.name)),
+                route=_forward(cluster=cluster_name(model.name, version.name)),
+                response_headers_to_add=[_version_header(version.name)],
+            )
+        )
+    versions = ", ".join(model.versions)
+    routes.append(
+        route_components_pb2.Route(
+            name=f"{model.name}/pin/unknown",
+            match=_metadata_match(
+                model.name,
+                route_components_pb2.HeaderMatcher(name=VERSION_HEADER, present_match=True),
+            ),
+            direct_response=_openai_error(
+                404,
+                f"The model `{model.name}` has no version `%REQ({VERSION_HEADER})%`"
+                f" (versions: {versions}).",
+                param=VERSION_HEADER,
+                code="version_not_found",
+            ),
+        )
+    )
+    split = route_components_pb2.WeightedCluster(
+        clusters=[
+            route_components_pb2.WeightedCluster.ClusterWeight(
+                name=cluster_name(model.name, version.name),
+                weight=wrappers_pb2.UInt32Value(value=version.weight),
+                response_headers_to_add=[_version_header(version.name)],
+            )
+            for version in model.versions.values()
+        ]
+    )
+    routes.append(
+        route_components_pb2.Route(
+            name=f"{model.name}/split",
+            match=_metadata_match(model.name),
+            route=_forward(weighted_clusters=split),
+        )
+    )
+    return routes
+
+
+def _models_list_route(state: State) -> route_components_pb2.Route:
+    """`GET /v1/models` answered by Envoy itself, rebuilt from the state on every change."""
+    body = {
+        "object": "list",
+        "data": [
+            {
+                "id": model.name,
+                "object": "model",
+                "created": model.created,
+                "owned_by": "switchyard",
+            }
+            for model in state.models.values()
+        ],
+    }
+    return route_components_pb2.Route(
+        name="models",
+        match=route_components_pb2.RouteMatch(
+            path="/v1/models", headers=[_header_exact(":method", "GET")]
+        ),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=200,
+            body=base_pb2.DataSource(inline_string=json.dumps(body, separators=(",", ":"))),
+        ),
+        response_headers_to_add=[_header("content-type", "application/json")],
+    )
+
+
+def _error_routes() -> list[route_components_pb2.Route]:
+    """What no model route took: OpenAI-style 400s and 404s, in the `openai` SDK's shape."""
+    return [
+        route_components_pb2.Route(
+            name="error/missing-model",
+            match=_metadata_match(MISSING_MODEL, _header_exact(":method", "POST")),
+            direct_response=_openai_error(
+                400, "The request body must be a JSON object with a `model` field.", param="model"
+            ),
+        ),
+        route_components_pb2.Route(
+            name="error/invalid-body",
+            match=_metadata_match(INVALID_BODY, _header_exact(":method", "POST")),
+            direct_response=_openai_error(400, "The request body is not valid JSON.", param=None),
+        ),
+        route_components_pb2.Route(
+            name="error/not-post",
+            match=route_components_pb2.RouteMatch(
+                prefix="/",
+                headers=[
+                    route_components_pb2.HeaderMatcher(
+                        name=":method",
+                        string_match=string_pb2.StringMatcher(exact="POST"),
+                        invert_match=True,
+                    )
+                ],
+            ),
+            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
+        ),
+        route_components_pb2.Route(
+            name="error/unknown-model",
+            match=_metadata_match(None),
+            direct_response=_openai_error(
+                404,
+                f"The model `%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%` does not exist.",
+                param="model",
+                code="model_not_found",
+            ),
+        ),
+        route_components_pb2.Route(
+            name="error/not-found",
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
+        ),
+    ]
+
+
+def _openai_error(
+    status: int, message: str, param: str | None, code: str | None = None
+) -> route_components_pb2.DirectResponseAction:
+    """A JSON error body; Envoy's formatter fills in %...% and escapes the values."""
+    error = struct_pb2.Struct()
+    error.update(
+        {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": param,  # None becomes JSON null, as OpenAI sends it
+            "code": code,
+        }
+    )
+    body = struct_pb2.Struct()
+    body.fields["error"].struct_value.CopyFrom(error)
+    return route_components_pb2.DirectResponseAction(
+        status=status,
+        body_format=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=body, content_type="application/json"
+        ),
+    )
+
+
+def _forward(**action) -> route_components_pb2.RouteAction:
+    return route_components_pb2.RouteAction(
+        timeout=duration_pb2.Duration(seconds=0),
+        idle_timeout=duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S),
+        # A refused connection never reached vLLM: retrying it elsewhere is always safe.
+        retry_policy=route_components_pb2.RetryPolicy(
+            retry_on="connect-failure,refused-stream,reset-before-request",
+            num_retries=wrappers_pb2.UInt32Value(value=2),
+            retry_host_predicate=[
+                route_components_pb2.RetryPolicy.RetryHostPredicate(
+                    name="envoy.retry_host_predicates.previous_hosts",
+                    typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
+                )
+            ],
+        ),
+        **action,
+    )
+
+
+def _metadata_match(
+    value: str | None, *headers: route_components_pb2.HeaderMatcher
+) -> route_components_pb2.RouteMatch:
+    """Match the body's `model` in dynamic metadata: an exact string, or any value (None)."""
+    if value is None:
+        matcher = value_pb2.ValueMatcher(present_match=True)
+    else:
+        matcher = value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=value))
+    return route_components_pb2.RouteMatch(
+        prefix="/",
+        headers=headers,
+        dynamic_metadata=[
+            metadata_pb2.MetadataMatcher(
+                filter=METADATA_NAMESPACE,
+                path=[metadata_pb2.MetadataMatcher.PathSegment(key="model")],
+                value=matcher,
+            )
+        ],
+    )
+
+
+def _metadata_pair(value: str | None) -> json_to_metadata_pb2.JsonToMetadata.KeyValuePair:
+    pair = json_to_metadata_pb2.JsonToMetadata.KeyValuePair(
+        metadata_namespace=METADATA_NAMESPACE, key="model"
+    )
+    if value is not None:
+        pair.value.string_value = value
+    return pair
+
+
+def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+    return route_components_pb2.HeaderMatcher(
+        name=name, string_match=string_pb2.StringMatcher(exact=value)
+    )
+
+
+def _version_header(version: str) -> base_pb2.HeaderValueOption:
+    return _header(VERSION_HEADER, version)
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -1,0 +1,106 @@
+"""An immutable, versioned, consistency-checked set of xDS resources.
+
+Built once per change of the desired state; every Envoy stream is served from it. Each
+resource type carries its own version (a hash of its content), so a weight change moves
+only the route configuration's version and Envoy receives only an RDS push.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+
+from controlplane.state import State
+from controlplane.xds import resources
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# Make-before-break: clusters and their endpoints exist before anything routes to them.
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+WILDCARD_TYPES = (CLUSTER, LISTENER)
+SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+
+
+class InconsistentSnapshot(ValueError):
+    """A route names a cluster the snapshot lacks, or an endpoint set has no cluster."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: str
+    versions: dict[str, str]  # type URL -> version of that type's resources
+    resources: dict[str, dict[str, any_pb2.Any]]  # type URL -> name -> packed resource
+    _responses: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_resources(cls, by_type: dict[str, list]) -> Snapshot:
+        """Check, pack and hash the messages; raises InconsistentSnapshot."""
+        check_consistency(by_type)
+        packed: dict[str, dict[str, any_pb2.Any]] = {}
+        versions: dict[str, str] = {}
+        for type_url in TYPE_ORDER:
+            named: dict[str, any_pb2.Any] = {}
+            digest = hashlib.blake2b(digest_size=8)
+            for message in by_type.get(type_url, ()):
+                name = message.cluster_name if type_url == ENDPOINT else message.name
+                any_message = any_pb2.Any(
+                    type_url=type_url, value=message.SerializeToString(deterministic=True)
+                )
+                named[name] = any_message
+                digest.update(name.encode())
+                digest.update(any_message.value)
+            packed[type_url] = named
+            versions[type_url] = digest.hexdigest()
+        overall = hashlib.blake2b("".join(versions.values()).encode(), digest_size=8).hexdigest()
+        return cls(overall, versions, packed)
+
+    def response(
+        self, type_url: str, names: frozenset[str] | None
+    ) -> discovery_pb2.DiscoveryResponse:
+        """The response for a subscription (None: all resources), built once and reused."""
+        key = (type_url, names)
+        cached = self._responses.get(key)
+        if cached is None:
+            resources = self.resources[type_url]
+            chosen = (
+                resources.values()
+                if names is None
+                else [resources[name] for name in sorted(names) if name in resources]
+            )
+            cached = discovery_pb2.DiscoveryResponse(
+                version_info=self.versions[type_url], type_url=type_url, resources=chosen
+            )
+            self._responses[key] = cached
+        return cached
+
+
+def check_consistency(by_type: dict[str, list]) -> None:
+    """Refuse a snapshot Envoy would half-apply: a route to a missing cluster is a 503."""
+    clusters = {cluster.name for cluster in by_type.get(CLUSTER, ())}
+    orphans = {cla.cluster_name for cla in by_type.get(ENDPOINT, ())} - clusters
+    if orphans:
+        raise InconsistentSnapshot(f"endpoints for unknown clusters: {sorted(orphans)}")
+    for config in by_type.get(ROUTE, ()):
+        for host in config.virtual_hosts:
+            for route in host.routes:
+                named = [route.route.cluster] if route.route.cluster else []
+                named += [weighted.name for weighted in route.route.weighted_clusters.clusters]
+                missing = [name for name in named if name not in clusters]
+                if missing:
+                    raise InconsistentSnapshot(f"route {route.name!r} names unknown {missing}")
+
+
+def build_snapshot(state: State, proxy: resources.ProxySettings) -> Snapshot:
+    return Snapshot.from_resources(
+        {
+            CLUSTER: resources.build_clusters(state),
+            ENDPOINT: resources.build_endpoints(state),
+            LISTENER: [resources.build_listener(proxy)],
+            ROUTE: [resources.build_route_config(state)],
+        }
+    )
