@@ -1,0 +1,207 @@
+"""The admin REST API: models, weights, Envoys, events, health and metrics.
+
+Errors from the control plane (`SwitchyardError`) become the JSON error shape here, in one
+middleware; handlers stay small and only translate HTTP to controller calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controlplane import logs, metrics
+from controlplane.admin.openapi import openapi_document
+from controlplane.controller import Controller
+from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthorized
+
+log = logs.get("admin")
+CONTROLLER = web.AppKey("controller", Controller)
+TOKEN = web.AppKey("token", str)
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_app(controller: Controller, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_observe, _errors, _auth])
+    app[CONTROLLER] = controller
+    app[TOKEN] = token or ""
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_put("/v1/models/{model}/weights", put_weights)
+    app.router.add_get("/v1/envoys", list_envoys)
+    app.router.add_get("/v1/events", stream_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus_metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+# -- middlewares ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request count and latency by route pattern (bounded labels, never the raw path)."""
+    started = time.perf_counter()
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.admin_requests.labels(name, request.method, str(status)).inc()
+        metrics.admin_latency.labels(name, request.method).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SwitchyardError as exc:
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        logs.event(
+            log, "admin.refused", level, method=request.method, path=request.path,
+            status=exc.status, message=exc.message,
+        )  # fmt: skip
+        return web.json_response(exc.to_json(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found" if exc.status == 404 else "http_error"
+        body = {
+            "error": {"type": kind, "message": f"{exc.reason}: {request.method} {request.path}"}
+        }
+        return web.json_response(body, status=exc.status, headers=_allow(exc))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("admin.error", extra={"fields": {"path": request.path}})
+        body = {"error": {"type": "internal_error", "message": "internal error, see the logs"}}
+        return web.json_response(body, status=500)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[TOKEN]
+    if token and request.path.startswith("/v1/"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+    return await handler(request)
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[CONTROLLER].state
+    return web.json_response({"models": [model.to_json() for model in state.models.values()]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = request.app[CONTROLLER].state.model(request.match_info["model"])
+    return web.json_response(model.to_json())
+
+
+async def put_weights(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    model_name = request.match_info["model"]
+    controller.state.model(model_name)  # 404 before 422: the model is the first thing wrong
+    body = await json_body(request, allowed={"weights"})
+    if "weights" not in body:
+        raise Invalid('body must be {"weights": {"<version>": <percent>, ...}}', "weights")
+    return web.json_response(await controller.set_weights(model_name, body["weights"]))
+
+
+async def list_envoys(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    snapshot = controller.snapshot
+    return web.json_response(
+        {
+            "snapshot_version": snapshot.version if snapshot else None,
+            "envoys": controller.xds.envoys(),
+        }
+    )
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events; a comment line every 15 s keeps proxies from closing it."""
+    bus = request.app[CONTROLLER].events
+    queue = bus.subscribe()
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), 15)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if event is None:
+                break
+            payload = json.dumps({"type": event.type, "time": event.time, **event.data})
+            await response.write(
+                f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
+            )
+    finally:
+        bus.unsubscribe(queue)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    ready = controller.snapshot is not None and controller.xds.port is not None
+    return web.json_response(
+        {"status": "ready" if ready else "starting"}, status=200 if ready else 503
+    )
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest(metrics.REGISTRY))
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+async def json_body(request: web.Request, allowed: set[str]) -> dict:
+    """The request's JSON object; 400 if it is not one, 422 naming an unknown key."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise Invalid(f"unknown field {unknown[0]!r}", field=unknown[0])
+    return body

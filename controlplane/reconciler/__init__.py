@@ -1,0 +1,1 @@
+"""Reconcilers make model versions exist: local processes here, Kubernetes pods later."""

@@ -1,0 +1,124 @@
+"""Running the control plane: `switchyard serve` (alone) and `switchyard up` (with Envoy).
+
+Start order matters: the xDS server and a first snapshot before Envoy, so Envoy's first
+connection gets configuration; backends before the "ready" line, so the first request works.
+Stop order is the reverse, and every child process is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from controlplane import logs, processes
+from controlplane.admin.app import make_app
+from controlplane.config import Config, split_hostport
+from controlplane.controller import Controller
+from controlplane.errors import ConfigError
+from controlplane.proxy import EnvoySupervisor
+from controlplane.reconciler.local import LocalRuntime
+
+log = logs.get("service")
+BACKEND_READY_TIMEOUT_S = 60.0
+
+
+def admin_token() -> str | None:
+    return os.environ.get("SWITCHYARD_ADMIN_TOKEN") or None
+
+
+def check_admin_exposure(config: Config, token: str | None) -> None:
+    """Without a token the admin API may only listen on loopback."""
+    host, _ = split_hostport(config.listen.admin)
+    if token:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"listen.admin: {config.listen.admin} is not a loopback address; "
+            "set SWITCHYARD_ADMIN_TOKEN to expose the admin API"
+        )
+
+
+@dataclass
+class Stack:
+    """Everything one `up`/`serve` runs, started and stopped together."""
+
+    config: Config
+    with_envoy: bool
+    token: str | None = None
+    state_dir: Path | None = None
+    node_id: str | None = None
+    controller: Controller = field(init=False)
+    runtime: LocalRuntime | None = field(init=False, default=None)
+    envoy: EnvoySupervisor | None = field(init=False, default=None)
+    _admin: web.AppRunner | None = field(init=False, default=None)
+
+    async def start(self) -> None:
+        check_admin_exposure(self.config, self.token)
+        self.state_dir = Path(self.state_dir or self.config.state_dir)
+        processes.reap_orphans(self.state_dir)
+        self.controller = Controller(self.config, self.state_dir)
+        host, port = split_hostport(self.config.listen.xds)
+        await self.controller.xds.start(host, port)
+        self.controller.rebuild()
+        self._admin = web.AppRunner(make_app(self.controller, self.token), access_log=None)
+        await self._admin.setup()
+        host, port = split_hostport(self.config.listen.admin)
+        await web.TCPSite(self._admin, host, port).start()
+        logs.event(log, "admin.listening", address=self.config.listen.admin)
+        if self.config.runtime == "local":
+            self.runtime = LocalRuntime(self.controller)
+            await self.runtime.start()
+        if self.with_envoy:
+            self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)
+            await self.envoy.start()
+
+    async def wait_ready(self) -> bool:
+        backends = self.runtime is None or await self.runtime.wait_ready(BACKEND_READY_TIMEOUT_S)
+        if not backends:
+            logs.event(log, "backends.not_ready", timeout=BACKEND_READY_TIMEOUT_S)
+        proxy = self.envoy is None or await self.envoy.wait_ready()
+        return backends and proxy
+
+    async def stop(self) -> None:
+        if self.envoy is not None:
+            await self.envoy.stop()
+        if self.runtime is not None:
+            await self.runtime.stop()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await self.controller.xds.stop()
+        self.controller.store.close()
+
+    def banner(self) -> str:
+        admin = f"http://{self.config.listen.admin}"
+        if self.with_envoy:
+            return f"Switchyard is up: proxy http://{self.config.listen.proxy}/v1  admin {admin}"
+        return f"Switchyard control plane is serving: admin {admin}  xds {self.config.listen.xds}"
+
+
+async def run(config: Config, with_envoy: bool) -> None:
+    """Run until SIGINT/SIGTERM, then stop everything."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    stack = Stack(config, with_envoy, admin_token())
+    try:
+        await stack.start()
+        ready = await stack.wait_ready()
+        print(stack.banner() + ("" if ready else "  (some backends are not ready yet)"), flush=True)
+        await stopping.wait()
+        logs.event(log, "stopping")
+    finally:
+        if hasattr(stack, "controller"):
+            await stack.stop()

@@ -1,0 +1,1 @@
+"""xDS: the desired state as Envoy configuration, served over ADS."""
