@@ -1,0 +1,121 @@
+"""The configuration file: what is accepted, and the one-line message for what is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controlplane.config import load_config, parse_config
+from controlplane.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model(*versions: tuple[str, int], backend: dict | None = None) -> dict:
+    return {
+        "name": "llama",
+        "versions": [
+            {"name": name, "weight": weight, "backend": backend or {"sim": {}}}
+            for name, weight in versions
+        ],
+    }
+
+
+def test_the_shipped_config_is_valid():
+    config = load_config(ROOT / "switchyard.yaml")
+    assert config.listen.proxy == "127.0.0.1:10000"
+    assert [m.name for m in config.models] == ["llama-3-8b", "qwen-2-7b"]
+    assert config.models[0].versions[1].backend.sim.ttft_ms == 30
+
+
+def test_defaults_and_backend_kinds():
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "meta-llama/Llama-3-8B",
+                    "versions": [
+                        {"name": "v1", "weight": 60, "backend": {"url": "http://10.0.0.5:8000/"}},
+                        {
+                            "name": "v2",
+                            "weight": 40,
+                            "backend": {"vllm": {"model": "/m", "args": ["--x"]}},
+                        },
+                        {"name": "v3", "weight": 0, "backend": {"sim": None}},
+                    ],
+                }
+            ]
+        }
+    )
+    versions = config.models[0].versions
+    assert [v.backend.kind for v in versions] == ["url", "vllm", "sim"]
+    assert versions[0].backend.url == "http://10.0.0.5:8000"
+    assert config.listen.admin == "127.0.0.1:9000"
+    assert config.runtime == "local"
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        (
+            {"listen": {"proxy": "127.0.0.1:99999"}},
+            "listen.proxy: port must be a number from 1 to 65535",
+        ),
+        ({"listen": {"admin": "nohost"}}, "listen.admin: expected host:port"),
+        ({"listen": {"admin": "127.0.0.1:10000"}}, "both use 127.0.0.1:10000"),
+        (
+            {"models": [_model(("v1", 60), ("v2", 39))]},
+            "models[llama]: weights must sum to 100, got 99",
+        ),
+        ({"models": [_model(("v1", 50), ("v1", 50))]}, "duplicate version name 'v1'"),
+        ({"models": [_model(("v1", 100)), _model(("v1", 100))]}, "duplicate model name 'llama'"),
+        ({"models": [_model(("v1", 101))]}, "models[llama].versions[v1].weight"),
+        ({"models": [_model(("v1", -1), ("v2", 101))]}, "models[llama].versions[v1].weight"),
+        ({"modles": []}, "modles: unknown key"),
+        (
+            {"models": [_model(("v1", 100), backend={"docker": {}})]},
+            "unknown backend kind 'docker'",
+        ),
+        (
+            {"models": [_model(("v1", 100), backend={"sim": {}, "url": "http://a:1"})]},
+            "exactly one",
+        ),
+        (
+            {"models": [_model(("v1", 100), backend={"sim": {"ttft": 1}})]},
+            "backend.sim.ttft: unknown key",
+        ),
+        (
+            {"models": [_model(("v1", 100), backend={"url": "ftp://x"})]},
+            "expected http://host:port",
+        ),
+        ({"models": [_model((True, 100))]}, "quote it"),
+        ({"models": [_model(("v 1", 100))]}, "letters, digits"),
+        ({"runtime": "docker"}, "runtime: Input should be 'local' or 'kubernetes'"),
+        ({"models": [{"name": "x", "versions": []}]}, "models[x].versions"),
+    ],
+)
+def test_invalid_documents_name_the_key(document, expected):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    message = caught.value.message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_yaml_booleans_are_caught(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "models:\n  - name: m\n    versions:\n      - {name: on, weight: 100, backend: {sim: {}}}\n"
+    )
+    with pytest.raises(ConfigError, match="quote it"):
+        load_config(path)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,136 @@
+"""The state -> snapshot builder: versions, consistency, and what a weight change touches."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.route.v3 import route_pb2
+
+from controlplane.config import parse_config
+from controlplane.errors import Invalid
+from controlplane.state import Endpoint, State, apply_weights, check_weights
+from controlplane.xds import resources
+from controlplane.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    InconsistentSnapshot,
+    Snapshot,
+    build_snapshot,
+)
+
+PROXY = resources.ProxySettings("127.0.0.1", 10000)
+
+
+def _state() -> State:
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "chat",
+                    "versions": [
+                        {"name": "v1", "weight": 100, "backend": {"url": "http://127.0.0.1:8001"}},
+                        {"name": "v2", "weight": 0, "backend": {"url": "http://127.0.0.1:8002"}},
+                    ],
+                }
+            ]
+        }
+    )
+    state = State.from_config(config)
+    for version in state.models["chat"].versions.values():
+        version.endpoints, version.state = [Endpoint(version.backend.url)], "active"
+    return state
+
+
+def test_a_weight_change_moves_only_the_route_version():
+    state = _state()
+    before = build_snapshot(state, PROXY)
+    model = state.models["chat"]
+    apply_weights(model, check_weights(model, {"v1": 50, "v2": 50}))
+    after = build_snapshot(state, PROXY)
+    assert after.version != before.version
+    changed = {
+        t for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE) if before.versions[t] != after.versions[t]
+    }
+    assert changed == {ROUTE}
+
+
+def test_same_state_same_version():
+    assert build_snapshot(_state(), PROXY).version == build_snapshot(_state(), PROXY).version
+
+
+def test_weighted_route_carries_every_version_and_its_header():
+    snapshot = build_snapshot(_state(), PROXY)
+    config = route_pb2.RouteConfiguration.FromString(snapshot.resources[ROUTE]["switchyard"].value)
+    split = next(r for r in config.virtual_hosts[0].routes if r.name == "chat/split")
+    clusters = {c.name: c.weight.value for c in split.route.weighted_clusters.clusters}
+    assert clusters == {"chat@v1": 100, "chat@v2": 0}
+    headers = [
+        c.response_headers_to_add[0].header.value for c in split.route.weighted_clusters.clusters
+    ]
+    assert headers == ["v1", "v2"]
+
+
+def test_unready_endpoints_stay_out_of_eds():
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    state = _state()
+    state.models["chat"].versions["v2"].endpoints[0].ready = False
+    snapshot = build_snapshot(state, PROXY)
+    v2 = endpoint_pb2.ClusterLoadAssignment.FromString(
+        snapshot.resources[ENDPOINT]["chat@v2"].value
+    )
+    assert sum(len(group.lb_endpoints) for group in v2.endpoints) == 0
+
+
+def test_a_route_to_a_missing_cluster_is_refused():
+    state = _state()
+    clusters = [c for c in resources.build_clusters(state) if c.name != "chat@v2"]
+    with pytest.raises(InconsistentSnapshot, match="chat@v2"):
+        Snapshot.from_resources(
+            {
+                CLUSTER: clusters,
+                ENDPOINT: [
+                    e for e in resources.build_endpoints(state) if e.cluster_name != "chat@v2"
+                ],
+                LISTENER: [resources.build_listener(PROXY)],
+                ROUTE: [resources.build_route_config(state)],
+            }
+        )
+
+
+def test_response_is_filtered_to_the_subscribed_names():
+    snapshot = build_snapshot(_state(), PROXY)
+    response = snapshot.response(ENDPOINT, frozenset({"chat@v2", "gone@v9"}))
+    assert len(response.resources) == 1
+    assert snapshot.response(CLUSTER, None).version_info == snapshot.versions[CLUSTER]
+    assert snapshot.response(ENDPOINT, frozenset({"chat@v2", "gone@v9"})) is response
+
+
+@pytest.mark.parametrize(
+    ("weights", "field", "fragment"),
+    [
+        ({"v3": 100}, "weights.v3", "no version 'v3'"),
+        ({"v1": 99}, "weights", "sum to 100, got 99"),
+        ({"v1": -10, "v2": 110}, "weights.v1", "from 0 to 100"),
+        ({"v1": "100"}, "weights.v1", "integer"),
+        ({"v1": True}, "weights.v1", "integer"),
+        ({"v1": 50.0, "v2": 50}, "weights.v1", "integer"),
+        ({}, "weights", "non-empty"),
+        ([100], "weights", "non-empty object"),
+    ],
+)
+def test_bad_weights_are_refused_and_change_nothing(weights, field, fragment):
+    model = _state().models["chat"]
+    with pytest.raises(Invalid) as caught:
+        check_weights(model, weights)
+    assert caught.value.field == field
+    assert fragment in caught.value.message
+    assert model.weights == {"v1": 100, "v2": 0}
+
+
+def test_leaving_a_version_out_gives_it_zero_and_full_weight_makes_stable():
+    model = _state().models["chat"]
+    apply_weights(model, check_weights(model, {"v2": 100}))
+    assert model.weights == {"v1": 0, "v2": 100}
+    assert model.stable == "v2"
