@@ -1,0 +1,464 @@
+"""The vLLM simulator over real HTTP: the OpenAI SDK for the OpenAI API, aiohttp for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from controlplane.sim import SimConfig, make_app
+
+MODEL = "sim-model"
+USER = [{"role": "user", "content": "tell me a short story please"}]  # 6 words
+
+
+@dataclass
+class Sim:
+    """One running simulator and the clients a test talks to it with."""
+
+    port: int
+    runner: web.AppRunner
+    http: aiohttp.ClientSession
+    client: openai.AsyncOpenAI
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        """(status, parsed JSON body or raw text, headers)."""
+        async with self.http.request(method, self.url + path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                body: Any = json.loads(text)
+            except ValueError:
+                body = text
+            return resp.status, body, resp.headers
+
+    async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        status, text, _ = await self.request("GET", "/metrics")
+        assert status == 200
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset({"model_name": MODEL, **labels}.items()))]
+
+
+StartSim = Callable[..., Awaitable[Sim]]
+
+
+@pytest_asyncio.fixture
+async def start_sim() -> AsyncIterator[StartSim]:
+    """Start sims on free ports; every one is shut down (and its clients closed) afterwards."""
+    sims: list[Sim] = []
+
+    async def start(**config: Any) -> Sim:
+        runner = web.AppRunner(make_app(SimConfig(**{"model": MODEL, **config})))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        sim = Sim(
+            port=port,
+            runner=runner,
+            http=aiohttp.ClientSession(),
+            client=openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0
+            ),
+        )
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        await sim.client.close()
+        await sim.http.close()
+        if sim.runner.server is not None:  # a test may have shut it down itself
+            await sim.runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def sim(start_sim: StartSim) -> Sim:
+    return await start_sim(version="v7")
+
+
+# -- OpenAI endpoints -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_models_health_and_version(sim: Sim) -> None:
+    models = await sim.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    status, body, _ = await sim.request("GET", "/v1/models")
+    entry = body["data"][0]
+    assert body["object"] == "list"
+    assert (entry["object"], entry["owned_by"], entry["root"]) == ("model", "vllm", MODEL)
+    assert entry["max_model_len"] == 8192
+    status, body, _ = await sim.request("GET", "/health")
+    assert (status, body) == (200, "")
+    status, body, _ = await sim.request("GET", "/version")
+    assert (status, body) == (200, {"version": "v7"})
+
+
+@pytest.mark.asyncio
+async def test_chat_completion(sim: Sim) -> None:
+    raw = await sim.client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=USER, max_tokens=5
+    )
+    assert raw.headers["x-sim-version"] == "v7"
+    reply = raw.parse()
+    assert reply.id.startswith("chatcmpl-") and len(reply.id) > len("chatcmpl-")
+    assert (reply.object, reply.model) == ("chat.completion", MODEL)
+    choice = reply.choices[0]
+    assert (choice.index, choice.message.role, choice.finish_reason) == (0, "assistant", "length")
+    assert len(choice.message.content.split()) == 5
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (6, 5)
+    assert reply.usage.total_tokens == 11
+
+    # Without max_tokens the sim writes its default length and stops on its own.
+    reply = await sim.client.chat.completions.create(model=MODEL, messages=USER)
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 16
+    assert len(reply.choices[0].message.content.split()) == 16
+    # max_completion_tokens (the newer name) is honoured too.
+    reply = await sim.client.chat.completions.create(
+        model=MODEL, messages=USER, max_completion_tokens=2
+    )
+    assert reply.usage.completion_tokens == 2
+
+
+@pytest.mark.asyncio
+async def test_completion(sim: Sim) -> None:
+    reply = await sim.client.completions.create(model=MODEL, prompt="one two three", max_tokens=4)
+    assert reply.id.startswith("cmpl-")
+    assert (reply.object, reply.model) == ("text_completion", MODEL)
+    assert reply.choices[0].finish_reason == "length"
+    assert len(reply.choices[0].text.split()) == 4
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 4)
+
+
+@pytest.mark.asyncio
+async def test_chat_stream_with_usage_matches_the_non_streamed_text(sim: Sim) -> None:
+    stream = await sim.client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=7, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices]
+    assert [c.choices[0].finish_reason for c in content][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (6, 7)
+    streamed = "".join(c.choices[0].delta.content or "" for c in content)
+    reply = await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=7)
+    assert streamed == reply.choices[0].message.content
+
+
+@pytest.mark.asyncio
+async def test_completion_stream_wire_format(sim: Sim) -> None:
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "stream": True}
+    async with sim.http.post(sim.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert resp.headers["x-sim-version"] == "v7"
+        raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert len(chunks) == 3  # one per token, no usage chunk unless asked for
+    assert all(c["object"] == "text_completion" and c["choices"] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+
+    stream = await sim.client.completions.create(model=MODEL, prompt="hello", stream=True)
+    text = "".join([chunk.choices[0].text async for chunk in stream])
+    assert len(text.split()) == 16
+
+
+@pytest.mark.asyncio
+async def test_embeddings_are_deterministic(sim: Sim) -> None:
+    reply = await sim.client.embeddings.create(model=MODEL, input=["alpha", "beta", "alpha"])
+    vectors = [item.embedding for item in reply.data]
+    assert len(vectors) == 3 and len(vectors[0]) == 16
+    assert vectors[0] == pytest.approx(vectors[2]) and vectors[0] != vectors[1]
+    assert reply.usage.prompt_tokens == 3
+    status, body, _ = await sim.request(
+        "POST", "/v1/embeddings", json={"input": "alpha", "encoding_format": "float"}
+    )
+    assert status == 200
+    assert body["data"][0]["embedding"] == pytest.approx(vectors[0], abs=1e-6)
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_wrong_model_is_vllms_404(sim: Sim) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await sim.client.chat.completions.create(model="other", messages=USER)
+    status, body, headers = await sim.request(
+        "POST", "/v1/completions", json={"model": "other", "prompt": "x"}
+    )
+    assert status == 404
+    assert body == {"error": {"message": "The model `other` does not exist.",
+                              "type": "NotFoundError", "param": None, "code": 404}}
+    assert headers["x-sim-version"] == "v7"
+
+
+@pytest.mark.asyncio
+async def test_malformed_requests_are_400(sim: Sim) -> None:
+    status, body, _ = await sim.request("POST", "/v1/chat/completions", data=b"{not json")
+    assert status == 400 and body["error"]["type"] == "BadRequestError"
+    for path, payload in [
+        ("/v1/chat/completions", {"model": MODEL}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+        ("/v1/completions", {"model": MODEL}),
+    ]:
+        status, body, _ = await sim.request("POST", path, json=payload)
+        assert status == 400, payload
+        assert body["error"]["type"] == "BadRequestError" and body["error"]["code"] == 400
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=9000)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_requests_and_tokens(sim: Sim) -> None:
+    before = await sim.metrics()
+    assert metric(before, "vllm:num_requests_running") == 0
+    assert metric(before, "vllm:num_requests_waiting") == 0
+    await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    await sim.client.completions.create(model=MODEL, prompt="a b")  # 16 tokens, "stop"
+    stream = await sim.client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, stream=True
+    )
+    async for _ in stream:
+        pass
+    after = await sim.metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("vllm:prompt_tokens_total") == 6 + 2 + 6
+    assert delta("vllm:generation_tokens_total") == 3 + 16 + 4
+    assert delta("vllm:request_success_total", finished_reason="length") == 2
+    assert delta("vllm:request_success_total", finished_reason="stop") == 1
+    assert delta("vllm:time_to_first_token_seconds_count") == 3
+    assert delta("vllm:e2e_request_latency_seconds_count") == 3
+    assert delta("vllm:inter_token_latency_seconds_count") == 2 + 15 + 3
+    assert metric(after, "vllm:e2e_request_latency_seconds_bucket", le="+Inf") == 3
+
+    # vLLM's bucket edges, so dashboards and quantiles built for vLLM read the sim the same way.
+    def edges(name: str) -> list[float]:
+        return sorted(float(dict(labels)["le"]) for sample, labels in after if sample == name)
+
+    assert edges("vllm:time_to_first_token_seconds_bucket")[:4] == [0.001, 0.005, 0.01, 0.02]
+    assert edges("vllm:inter_token_latency_seconds_bucket")[:4] == [0.01, 0.025, 0.05, 0.075]
+    assert edges("vllm:e2e_request_latency_seconds_bucket")[:4] == [0.3, 0.5, 0.8, 1.0]
+
+
+@pytest.mark.asyncio
+async def test_two_sims_keep_separate_metrics(start_sim: StartSim) -> None:
+    busy, idle = await start_sim(), await start_sim()
+    await busy.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+    assert metric(await busy.metrics(), "vllm:generation_tokens_total") == 2
+    assert metric(await idle.metrics(), "vllm:generation_tokens_total") == 0
+
+
+@pytest.mark.asyncio
+async def test_ttft_delays_first_chunk_and_is_measured(start_sim: StartSim) -> None:
+    sim = await start_sim(ttft_ms=200, itl_ms=10)
+    started = time.perf_counter()
+    stream = await sim.client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=3, stream=True
+    )
+    # While the first token is pending the request shows as running.
+    assert metric(await sim.metrics(), "vllm:num_requests_running") == 1
+    first = None
+    async for _ in stream:
+        first = first or time.perf_counter()
+    assert first is not None and first - started >= 0.19
+    samples = await sim.metrics()
+    assert metric(samples, "vllm:num_requests_running") == 0
+    assert metric(samples, "vllm:time_to_first_token_seconds_sum") >= 0.19
+    assert metric(samples, "vllm:time_to_first_token_seconds_bucket", le="0.1") == 0
+    assert metric(samples, "vllm:inter_token_latency_seconds_count") == 2
+    assert metric(samples, "vllm:inter_token_latency_seconds_sum") >= 0.018
+
+
+@pytest.mark.asyncio
+async def test_non_streaming_waits_as_long_as_the_stream(start_sim: StartSim) -> None:
+    sim = await start_sim(ttft_ms=50, itl_ms=30)
+    started = time.perf_counter()
+    await sim.client.completions.create(model=MODEL, prompt="x", max_tokens=6)
+    assert time.perf_counter() - started >= 0.05 + 5 * 0.03 - 0.01
+
+
+@pytest.mark.asyncio
+async def test_client_disconnect_mid_stream_counts_as_abort(start_sim: StartSim) -> None:
+    sim = await start_sim(itl_ms=50)
+    body = {"model": MODEL, "messages": USER, "max_tokens": 50, "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(sim.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        await resp.content.readuntil(b"\n\n")
+    for _ in range(50):
+        samples = await sim.metrics()
+        if metric(samples, "vllm:request_success_total", finished_reason="abort") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert metric(samples, "vllm:request_success_total", finished_reason="abort") == 1
+    assert metric(samples, "vllm:num_requests_running") == 0
+    assert metric(samples, "vllm:generation_tokens_total") < 50
+
+
+# -- sleep mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_sleep_refuses_inference_until_woken(start_sim: StartSim) -> None:
+    sim = await start_sim(wake_ms=100)
+    assert (await sim.request("POST", "/sleep?level=3"))[0] == 400
+    assert (await sim.request("POST", "/sleep?level=1"))[0] == 200
+    assert (await sim.request("GET", "/is_sleeping"))[1] == {"is_sleeping": True}
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sim.client.chat.completions.create(model=MODEL, messages=USER)
+    assert caught.value.status_code == 503
+    status, body, _ = await sim.request("POST", "/v1/completions", json={"prompt": "x"})
+    assert status == 503 and "sleeping" in body["error"]["message"]
+    assert (await sim.request("GET", "/health"))[0] == 200
+
+    started = time.perf_counter()
+    assert (await sim.request("POST", "/wake_up"))[0] == 200
+    assert time.perf_counter() - started >= 0.09
+    assert (await sim.request("GET", "/is_sleeping"))[1] == {"is_sleeping": False}
+    reply = await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert reply.usage.completion_tokens == 1
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_error_rate_fault_and_clearing_it(sim: Sim) -> None:
+    status, body, _ = await sim.request(
+        "POST", "/sim/faults", json={"error_rate": 1.0, "status": 503}
+    )
+    assert (status, body) == (200, {"error_rate": 1.0, "status": 503})
+    assert (await sim.request("GET", "/sim/faults"))[1] == {"error_rate": 1.0, "status": 503}
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sim.client.chat.completions.create(model=MODEL, messages=USER)
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["x-sim-version"] == "v7"
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sim.client.embeddings.create(model=MODEL, input="x")
+    assert caught.value.status_code == 503
+
+    status, body, _ = await sim.request("DELETE", "/sim/faults")
+    assert (status, body) == (200, {})
+    assert (await sim.request("GET", "/sim/faults"))[1] == {}
+    reply = await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_partial_error_rate_fails_some_requests(sim: Sim) -> None:
+    await sim.request("POST", "/sim/faults", json={"error_rate": 0.5})
+    statuses = [
+        (await sim.request("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 1}))[0]
+        for _ in range(100)
+    ]
+    assert set(statuses) == {200, 500}
+    assert 20 < statuses.count(500) < 80
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"explode": True}, "explode"),
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"error_rate": "half"}, "error_rate"),
+        ({"status": 200}, "status"),
+        ({"status": "503"}, "status"),
+        ({"ttft_ms": -1}, "ttft_ms"),
+        ({"itl_ms": "slow"}, "itl_ms"),
+        ({"hang": "yes"}, "hang"),
+        ({"status": 502, "error_rate": 2}, "error_rate"),  # one bad key rejects the whole body
+    ],
+)
+async def test_bad_fault_bodies_are_rejected_and_change_nothing(
+    sim: Sim, body: dict[str, Any], field: str
+) -> None:
+    assert (await sim.request("POST", "/sim/faults", json={"ttft_ms": 1}))[0] == 200
+    status, reply, _ = await sim.request("POST", "/sim/faults", json=body)
+    assert status == 400
+    assert reply["error"]["field"] == field
+    assert reply["error"]["type"] == "invalid_request_error"
+    assert field in reply["error"]["message"]
+    assert (await sim.request("GET", "/sim/faults"))[1] == {"ttft_ms": 1}
+
+
+@pytest.mark.asyncio
+async def test_latency_faults_add_to_the_configured_latency(start_sim: StartSim) -> None:
+    sim = await start_sim(ttft_ms=100)
+    await sim.request("POST", "/sim/faults", json={"ttft_ms": 150})
+    started = time.perf_counter()
+    await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert time.perf_counter() - started >= 0.24
+
+
+@pytest.mark.asyncio
+async def test_hang_fault_until_cleared(sim: Sim) -> None:
+    await sim.request("POST", "/sim/faults", json={"hang": True})
+    with pytest.raises(openai.APITimeoutError):
+        await sim.client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=1, timeout=0.3
+        )
+    # A request hanging when the fault is cleared is answered, and so are new ones.
+    pending = asyncio.create_task(
+        sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    )
+    await asyncio.sleep(0.2)
+    assert not pending.done()
+    assert (await sim.request("DELETE", "/sim/faults"))[:2] == (200, {})
+    assert (await pending).usage.completion_tokens == 1
+    reply = await sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert reply.usage.completion_tokens == 1
+
+
+@pytest.mark.asyncio
+async def test_shutdown_does_not_wait_for_hanging_requests(start_sim: StartSim) -> None:
+    sim = await start_sim()
+    await sim.request("POST", "/sim/faults", json={"hang": True})
+    pending = asyncio.create_task(
+        sim.client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    )
+    await asyncio.sleep(0.2)
+    # aiohttp would otherwise wait its 60 s shutdown timeout for the hanging handler.
+    await asyncio.wait_for(sim.runner.cleanup(), timeout=10)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await pending
+    assert caught.value.status_code == 503
+    assert "shutting down" in caught.value.message
