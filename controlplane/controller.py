@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from controlplane import logs, metrics
 from controlplane.config import Config, split_hostport
 from controlplane.errors import Conflict, EnvoyRejected
 from controlplane.events import EventBus
-from controlplane.state import Endpoint, State, apply_weights, check_weights
+from controlplane.state import (
+    Endpoint,
+    Model,
+    State,
+    TrafficPolicy,
+    apply_weights,
+    check_weights,
+)
 from controlplane.store import Store
 from controlplane.xds.resources import ProxySettings
 from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import Snapshot, build_snapshot
 
 log = logs.get("controller")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a model's route should do: weights per version, and the rollout's route options."""
+
+    weights: dict[str, int]
+    policy: TrafficPolicy = field(default_factory=TrafficPolicy)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    weights: dict[str, int]
+    policy: TrafficPolicy
+    stable: str
+    last_good: str | None
+
+
 ACK_TIMEOUT_S = 10.0
 
 
@@ -31,7 +57,7 @@ class Controller:
         self.state_dir = Path(state_dir or config.state_dir)
         self.state = State.from_config(config)
         self.store = Store(self.state_dir / "switchyard.db")
-        self.store.restore_weights(self.state)
+        self.store.restore_models(self.state)
         self.events = EventBus()
         self.xds = XdsServer(self.events)
         self.proxy = ProxySettings(*split_hostport(config.listen.proxy))
@@ -52,10 +78,7 @@ class Controller:
         return snapshot
 
     async def set_weights(self, model_name: str, weights: object) -> dict:
-        """Change a model's split; return once every connected Envoy runs it.
-
-        An Envoy NACK undoes the change (state, store and Envoys back to the previous split).
-        """
+        """The admin API's weight change: refused while a rollout owns the model."""
         model = self.state.model(model_name)
         if model.active_rollout:
             raise Conflict(
@@ -64,28 +87,57 @@ class Controller:
                 field="model",
             )
         checked = check_weights(model, weights)
+        await self.apply_traffic({model_name: Traffic(checked, model.policy)})
+        return model.to_json()
+
+    async def apply_traffic(
+        self, changes: dict[str, Traffic], rollouts: list[dict] | None = None
+    ) -> int:
+        """Set weights and route policy of one or more models; return after every ACK.
+
+        The models (and the rollout documents that caused the change) are persisted in one
+        transaction before the push. An Envoy NACK undoes the whole change (state, store,
+        Envoys) and raises EnvoyRejected. Returns how many Envoys confirmed.
+        """
         async with self._changes:
-            previous, previous_stable = model.weights, model.stable
-            apply_weights(model, checked)
+            models = [self.state.model(name) for name in changes]
+            before = {m.name: _Saved(m.weights, m.policy, m.stable, m.last_good) for m in models}
+            for model in models:
+                apply_weights(model, changes[model.name].weights)
+                model.policy = changes[model.name].policy
             try:
-                self.store.save_weights(model.name, checked, model.stable)
+                self.store.save(models, rollouts or [])
                 snapshot = self.rebuild()
             except Exception:
-                apply_weights(model, previous)
-                model.stable = previous_stable
+                self._restore(models, before)
                 raise
             try:
                 envoys = await self.xds.wait_applied(snapshot, ACK_TIMEOUT_S)
             except EnvoyRejected:
-                apply_weights(model, previous)
-                model.stable = previous_stable
-                self.store.save_weights(model.name, previous, previous_stable)
+                self._restore(models, before)
+                self.store.save(models)
                 self.rebuild()
                 raise
-        metrics.weight_changes.labels(model.name).inc()
-        logs.event(log, "weights.changed", model=model.name, weights=_fmt(checked), envoys=envoys)
-        self.events.publish("weights.changed", model=model.name, weights=checked)
-        return model.to_json()
+        for model in models:
+            metrics.weight_changes.labels(model.name).inc()
+            logs.event(
+                log, "weights.changed", model=model.name, weights=_fmt(model.weights),
+                policy=model.policy.to_json() or "-", envoys=envoys,
+            )  # fmt: skip
+            self.events.publish("weights.changed", model=model.name, weights=model.weights)
+        return envoys
+
+    @staticmethod
+    def _restore(models: list[Model], before: dict[str, _Saved]) -> None:
+        for model in models:
+            saved = before[model.name]
+            for name, weight in saved.weights.items():
+                model.versions[name].weight = weight
+            model.policy, model.stable, model.last_good = (
+                saved.policy,
+                saved.stable,
+                saved.last_good,
+            )
 
     def set_endpoints(
         self, model_name: str, version_name: str, endpoints: list[Endpoint], state: str

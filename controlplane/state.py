@@ -53,6 +53,28 @@ class Version:
         }
 
 
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """Route options a rollout holds while it runs, beyond the weights.
+
+    `sticky_header`/`sticky_cookie`: the split follows a hash of that value, so one user
+    always reaches one version (A/B). `mirror_to`/`mirror_percent`: that share of the
+    requests is copied to another version, whose answers are discarded.
+    """
+
+    sticky_header: str | None = None
+    sticky_cookie: str | None = None
+    mirror_to: str | None = None
+    mirror_percent: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> TrafficPolicy:
+        return cls(**(data or {}))
+
+
 @dataclass
 class Model:
     name: str
@@ -60,6 +82,8 @@ class Model:
     stable: str
     created: int = field(default_factory=lambda: int(time.time()))
     active_rollout: str | None = None
+    last_good: str | None = None  # the stable before the last successful rollout: undo target
+    policy: TrafficPolicy = field(default_factory=TrafficPolicy)
 
     @property
     def weights(self) -> dict[str, int]:
@@ -70,7 +94,9 @@ class Model:
             "name": self.name,
             "versions": [version.to_json() for version in self.versions.values()],
             "stable": self.stable,
+            "last_good": self.last_good,
             "active_rollout": self.active_rollout,
+            "traffic_policy": self.policy.to_json(),
         }
 
     @classmethod
@@ -128,9 +154,13 @@ def check_weights(model: Model, weights: Any) -> dict[str, int]:
 
 
 def apply_weights(model: Model, weights: dict[str, int]) -> None:
-    """Set already-checked weights; a version that now holds all traffic becomes `stable`."""
+    """Set already-checked weights.
+
+    A version that now holds all traffic becomes `stable`, and the stable it replaces is
+    remembered as the last known-good version (where an emergency rollback goes).
+    """
     for name, weight in weights.items():
         model.versions[name].weight = weight
-    full = [name for name, weight in weights.items() if weight == 100]
-    if full:
-        model.stable = full[0]
+    full = next((name for name, weight in weights.items() if weight == 100), None)
+    if full and full != model.stable:
+        model.last_good, model.stable = model.stable, full

@@ -1,7 +1,9 @@
-"""Durable state in SQLite (`state_dir/switchyard.db`): what must survive a restart.
+"""Durable state in SQLite (`state_dir/switchyard.db`, WAL): what must survive a restart.
 
-Today: each model's weights and stable version. Writes happen before the change is pushed
-to Envoy, so a crash between the two replays the change on restart instead of losing it.
+Per model: weights, stable, last known-good version and traffic policy. Per rollout: its
+whole document. A transition writes the model and its rollout in one transaction before the
+change is pushed to Envoy, so a crash between the two replays the change on restart instead
+of losing it. Writes take well under a millisecond, so they run on the event loop.
 """
 
 from __future__ import annotations
@@ -9,20 +11,30 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from controlplane import logs
 from controlplane.errors import Unavailable
-from controlplane.state import State
+from controlplane.state import Model, State, TrafficPolicy
 
 log = logs.get("store")
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_weights (
-    model TEXT PRIMARY KEY,
-    weights TEXT NOT NULL,      -- JSON object version -> percent
-    stable TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,          -- {"weights", "stable", "last_good", "policy"}
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    doc TEXT NOT NULL,          -- the rollout object of the admin API, plus engine fields
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_model ON rollouts (model, created_at);
 """
 
 
@@ -31,44 +43,91 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         try:
-            self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; we are one writer
+            self._db = sqlite3.connect(path, isolation_level=None)  # we manage transactions
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise Unavailable(f"cannot open state database {path}: {exc}") from None
 
-    def save_weights(self, model: str, weights: dict[str, int], stable: str) -> None:
+    def save(self, models: Iterable[Model] = (), rollouts: Iterable[dict[str, Any]] = ()) -> None:
+        """Write models and rollouts in one transaction: all of it lands, or none."""
+        now = time.time()
         try:
-            self._db.execute(
-                "INSERT INTO model_weights (model, weights, stable, updated_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET "
-                "weights=excluded.weights, stable=excluded.stable, updated_at=excluded.updated_at",
-                (model, json.dumps(weights), stable, time.time()),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            for model in models:
+                doc = {
+                    "weights": model.weights,
+                    "stable": model.stable,
+                    "last_good": model.last_good,
+                    "policy": model.policy.to_json(),
+                }
+                self._db.execute(
+                    "INSERT INTO models (name, doc, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at",
+                    (model.name, json.dumps(doc), now),
+                )
+            for rollout in rollouts:
+                self._db.execute(
+                    "INSERT INTO rollouts (id, model, active, doc, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "active=excluded.active, doc=excluded.doc, updated_at=excluded.updated_at",
+                    (
+                        rollout["id"],
+                        rollout["model"],
+                        int(rollout["phase"] in ("progressing", "paused")),
+                        json.dumps(rollout),
+                        rollout["created_at"],
+                        now,
+                    ),
+                )
+            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise Unavailable(f"cannot persist weights of {model!r}: {exc}") from None
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise Unavailable(f"cannot persist the change: {exc}") from None
 
-    def restore_weights(self, state: State) -> None:
+    def restore_models(self, state: State) -> None:
         """Apply saved weights onto the configured models where they still fit.
 
         A saved split that names versions the config no longer has is ignored (the config's
         weights win) and logged, rather than routing to a version that does not exist.
         """
-        rows = self._db.execute("SELECT model, weights, stable FROM model_weights").fetchall()
-        for name, weights_json, stable in rows:
+        for name, doc_json in self._db.execute("SELECT name, doc FROM models").fetchall():
             model = state.models.get(name)
             if model is None:
                 continue
-            weights = json.loads(weights_json)
+            doc = json.loads(doc_json)
+            weights = doc["weights"]
             if set(weights) != set(model.versions) or sum(weights.values()) != 100:
-                logs.event(log, "store.weights_ignored", model=name, saved=weights_json)
+                logs.event(log, "store.weights_ignored", model=name, saved=json.dumps(weights))
                 continue
             for version, weight in weights.items():
                 model.versions[version].weight = weight
-            if stable in model.versions:
-                model.stable = stable
-            logs.event(log, "store.weights_restored", model=name, weights=weights_json)
+            if doc.get("stable") in model.versions:
+                model.stable = doc["stable"]
+            if doc.get("last_good") in model.versions:
+                model.last_good = doc["last_good"]
+            policy = TrafficPolicy.from_json(doc.get("policy"))
+            if policy.mirror_to is None or policy.mirror_to in model.versions:
+                model.policy = policy
+            logs.event(log, "store.model_restored", model=name, weights=json.dumps(weights))
+
+    def rollouts(
+        self, model: str | None = None, active: bool | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Rollout documents, newest first."""
+        query = "SELECT doc FROM rollouts WHERE 1=1"
+        params: list[Any] = []
+        if model is not None:
+            query += " AND model = ?"
+            params.append(model)
+        if active is not None:
+            query += " AND active = ?"
+            params.append(int(active))
+        query += " ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        return [json.loads(doc) for (doc,) in self._db.execute(query, params).fetchall()]
 
     def close(self) -> None:
         self._db.close()

@@ -206,14 +206,33 @@ def _model_routes(model: Model) -> list[route_components_pb2.Route]:
             for version in model.versions.values()
         ]
     )
+    action = _forward(weighted_clusters=split)
+    _apply_policy(model, action)
     routes.append(
         route_components_pb2.Route(
-            name=f"{model.name}/split",
-            match=_metadata_match(model.name),
-            route=_forward(weighted_clusters=split),
+            name=f"{model.name}/split", match=_metadata_match(model.name), route=action
         )
     )
     return routes
+
+
+def _apply_policy(model: Model, action: route_components_pb2.RouteAction) -> None:
+    """Sticky A/B (the split follows a hash of a header or cookie) and mirroring."""
+    policy = model.policy
+    if policy.sticky_header or policy.sticky_cookie:
+        hashing = route_components_pb2.RouteAction.HashPolicy()
+        if policy.sticky_header:
+            hashing.header.header_name = policy.sticky_header
+        else:
+            hashing.cookie.name = policy.sticky_cookie
+        action.hash_policy.append(hashing)
+        action.weighted_clusters.use_hash_policy.value = True
+    if policy.mirror_to and policy.mirror_percent:
+        mirror = route_components_pb2.RouteAction.RequestMirrorPolicy(
+            cluster=cluster_name(model.name, policy.mirror_to)
+        )
+        mirror.runtime_fraction.default_value.numerator = policy.mirror_percent
+        action.request_mirror_policies.append(mirror)
 
 
 def _models_list_route(state: State) -> route_components_pb2.Route:

@@ -90,6 +90,7 @@ def check_consistency(by_type: dict[str, list]) -> None:
             for route in host.routes:
                 named = [route.route.cluster] if route.route.cluster else []
                 named += [weighted.name for weighted in route.route.weighted_clusters.clusters]
+                named += [mirror.cluster for mirror in route.route.request_mirror_policies]
                 missing = [name for name in named if name not in clusters]
                 if missing:
                     raise InconsistentSnapshot(f"route {route.name!r} names unknown {missing}")
