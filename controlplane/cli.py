@@ -21,6 +21,9 @@ from controlplane.config import default_config_path, load_config
 from controlplane.errors import ConfigError
 
 DEFAULT_SERVER = "http://127.0.0.1:9000"
+STRATEGIES = ("immediate", "gradual", "canary", "ab", "blue_green", "mirror")
+ENDED = ("succeeded", "aborted", "rolled_back")
+WATCH_INTERVAL_S = 0.5
 
 
 class CliError(Exception):
@@ -99,6 +102,44 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("model")
     weights.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
     client(command("envoys", cmd_envoys, "connected Envoys and what they ACKed"))
+
+    rollout = commands.add_parser("rollout", help="start, watch and steer rollouts")
+    verbs = rollout.add_subparsers(title="rollout commands", metavar="VERB")
+    start = client(verbs.add_parser("start", help="start a rollout of MODEL to version --to"))
+    start.set_defaults(func=cmd_rollout_start)
+    start.add_argument("model")
+    start.add_argument("--to", required=True, help="the candidate version")
+    start.add_argument("--from", dest="from_", default=None, help="default: the stable version")
+    start.add_argument("--strategy", default=None, choices=STRATEGIES, help="default: canary")
+    start.add_argument("--steps", default=None, help="canary weights, e.g. 10,50,100")
+    start.add_argument(
+        "--pause", default=None,
+        help="pause between canary steps, e.g. 30s or 2m (default: wait for `rollout resume`)",
+    )  # fmt: skip
+    start.add_argument("--duration", default=None, help="gradual: total time, e.g. 10m")
+    start.add_argument("--step-percent", type=int, default=None, help="gradual: percent per step")
+    start.add_argument("--weight", type=int, default=None, help="ab: candidate percent")
+    start.add_argument("--sticky-header", default=None, help="ab: header that keeps users sticky")
+    start.add_argument("--sticky-cookie", default=None, help="ab: cookie that keeps users sticky")
+    start.add_argument("--percent", type=int, default=None, help="mirror: percent copied")
+    start.add_argument("--file", default=None, help="a JSON rollout spec (other options override)")
+    start.add_argument("--watch", action="store_true", help="follow it until it ends")
+    status = client(verbs.add_parser("status", help="one rollout, or the active ones"))
+    status.set_defaults(func=cmd_rollout_status)
+    status.add_argument("id", nargs="?")
+    status.add_argument("--model", default=None)
+    status.add_argument("--watch", action="store_true", help="follow it until it ends")
+    for verb in ("pause", "resume", "promote", "abort"):
+        sub = client(verbs.add_parser(verb, help=f"{verb} a rollout"))
+        sub.set_defaults(func=cmd_rollout_command, verb=verb)
+        sub.add_argument("id")
+
+    back = client(
+        command("rollback", cmd_rollback, "emergency: all traffic to the last known-good")
+    )
+    back.add_argument("model", nargs="?")
+    back.add_argument("--all", action="store_true", help="every model")
+    back.add_argument("--to", default=None, help="the version to send all traffic to")
     return parser
 
 
@@ -247,3 +288,145 @@ def _print_table(rows: list[tuple]) -> None:
                 str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
             ).rstrip()
         )
+
+
+# -- rollouts ------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '2m', '1h', '500ms' or a bare number of seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    text = text.strip().lower()
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise CliError(f"expected a duration like 30s, 2m or 1h, got {text!r}", code=2) from None
+    if value < 0:
+        raise CliError(f"a duration cannot be negative: {text!r}", code=2)
+    return value
+
+
+def rollout_spec(args: argparse.Namespace) -> dict:
+    spec: dict[str, Any] = {}
+    if args.file:
+        try:
+            with open(args.file) as handle:
+                spec = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read rollout spec {args.file}: {exc}", code=2) from None
+    strategy = args.strategy or spec.get("strategy") or "canary"
+    spec.update(model=args.model, to=args.to, strategy=strategy)
+    if args.from_:
+        spec["from"] = args.from_
+    if spec["strategy"] == "canary" and "steps" not in spec:
+        spec["steps"] = canary_steps(args.steps or "10,50,100", args.pause)
+    if args.duration:
+        spec["duration_seconds"] = parse_duration(args.duration)
+    for key in ("step_percent", "weight", "percent"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    if args.sticky_header or args.sticky_cookie:
+        spec["sticky"] = (
+            {"header": args.sticky_header} if args.sticky_header else {"cookie": args.sticky_cookie}
+        )
+    return spec
+
+
+def canary_steps(weights: str, pause: str | None) -> list[dict]:
+    """'10,50,100' -> set_weight steps with a pause between (a manual gate without --pause)."""
+    steps: list[dict] = []
+    for item in weights.split(","):
+        if not item.strip().isdigit():
+            raise CliError(f"--steps takes percents like 10,50,100, got {weights!r}", code=2)
+        if steps:
+            steps.append({"pause": {"seconds": parse_duration(pause)} if pause else {}})
+        steps.append({"set_weight": int(item)})
+    return steps
+
+
+def cmd_rollout_start(args: argparse.Namespace) -> int:
+    rollout = api(args, "POST", "/v1/rollouts", rollout_spec(args))
+    if args.json and not args.watch:
+        _print_json(rollout)
+        return 0
+    print(f"started {rollout['id']}: {rollout['model']} {rollout['from']} -> {rollout['to']} "
+          f"({rollout['strategy']}, {rollout['steps_total']} steps)")  # fmt: skip
+    if any("pause" in step and not step["pause"] for step in rollout.get("steps", [])):
+        print(f"  gates wait for: switchyard rollout resume {rollout['id']}")
+    return watch(args, rollout["id"]) if args.watch else 0
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    if args.id:
+        if args.watch:
+            return watch(args, args.id)
+        rollout = api(args, "GET", f"/v1/rollouts/{args.id}")
+        _print_json(rollout) if args.json else print(progress_line(rollout))
+        return 0
+    query = "?active=true" + (f"&model={args.model}" if args.model else "")
+    rollouts = api(args, "GET", f"/v1/rollouts{query}")["rollouts"]
+    if args.json:
+        _print_json({"rollouts": rollouts})
+    elif not rollouts:
+        print("no active rollouts")
+    for rollout in [] if args.json else rollouts:
+        print(progress_line(rollout))
+    return 0
+
+
+def cmd_rollout_command(args: argparse.Namespace) -> int:
+    rollout = api(args, "POST", f"/v1/rollouts/{args.id}/{args.verb}")
+    _print_json(rollout) if args.json else print(progress_line(rollout))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    if bool(args.model) == bool(args.all):
+        raise CliError("name one MODEL, or --all", code=2)
+    body: dict[str, Any] = {"all": True} if args.all else {"model": args.model}
+    if args.to:
+        body["to"] = args.to
+    result = api(args, "POST", "/v1/rollback", body)
+    if args.json:
+        _print_json(result)
+        return 0
+    for model in result["models"]:
+        print(
+            f"{model['name']}: all traffic on {model['stable']} (applied by every connected Envoy)"
+        )
+    return 0
+
+
+def progress_line(rollout: dict) -> str:
+    """phase, step, weights and the last verdict, in one line."""
+    weights = " ".join(f"{name}={weight}%" for name, weight in rollout["weights"].items())
+    step = min(rollout["step_index"] + 1, rollout["steps_total"])
+    verdict = rollout.get("analysis_status") or {}
+    judged = f" | analysis {verdict['result']}" if verdict else ""
+    return (
+        f"{rollout['id']} {rollout['model']} {rollout['from']}->{rollout['to']} "
+        f"[{rollout['phase']}] step {step}/{rollout['steps_total']} | {weights}{judged}"
+        f" | {rollout['message']}"
+    )
+
+
+def watch(args: argparse.Namespace, rollout_id: str) -> int:
+    """Print a line whenever the rollout changes; exit 1 if it ends aborted or rolled back."""
+    import time
+
+    last = None
+    while True:
+        rollout = api(args, "GET", f"/v1/rollouts/{rollout_id}")
+        line = json.dumps(rollout) if args.json else progress_line(rollout)
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if rollout["phase"] in ENDED:
+            return 0 if rollout["phase"] == "succeeded" else 1
+        time.sleep(WATCH_INTERVAL_S)

@@ -74,3 +74,40 @@ proxy_restarts = Counter(
     "Times `switchyard up` restarted its Envoy",
     registry=REGISTRY,
 )
+rollouts_started = Counter(
+    "switchyard_rollouts_started_total",
+    "Rollouts started, by model and strategy",
+    ["model", "strategy"],
+    registry=REGISTRY,
+)
+rollouts_finished = Counter(
+    "switchyard_rollouts_finished_total",
+    "Rollouts ended, by model and outcome (succeeded, aborted, rolled_back)",
+    ["model", "outcome"],
+    registry=REGISTRY,
+)
+rollbacks = Counter(
+    "switchyard_rollbacks_total",
+    "Rollbacks, by model and reason (analysis, emergency, ...)",
+    ["model", "reason"],
+    registry=REGISTRY,
+)
+analysis_verdicts = Counter(
+    "switchyard_analysis_verdicts_total",
+    "Analysis verdicts, by model and result",
+    ["model", "result"],
+    registry=REGISTRY,
+)
+rollout_phase = Gauge(
+    "switchyard_rollout_phase",
+    "Phase of the model's latest rollout: 0 progressing, 1 paused, 2 succeeded, 3 aborted, "
+    "4 rolled_back",
+    ["model"],
+    registry=REGISTRY,
+)
+rollout_step = Gauge(
+    "switchyard_rollout_step",
+    "Step index of the model's active rollout",
+    ["model"],
+    registry=REGISTRY,
+)

@@ -23,6 +23,7 @@ from controlplane.controller import Controller
 from controlplane.errors import ConfigError
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
+from controlplane.rollout.engine import RolloutEngine
 
 log = logs.get("service")
 BACKEND_READY_TIMEOUT_S = 60.0
@@ -58,6 +59,7 @@ class Stack:
     state_dir: Path | None = None
     node_id: str | None = None
     controller: Controller = field(init=False)
+    engine: RolloutEngine = field(init=False)
     runtime: LocalRuntime | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
     _admin: web.AppRunner | None = field(init=False, default=None)
@@ -70,7 +72,10 @@ class Stack:
         host, port = split_hostport(self.config.listen.xds)
         await self.controller.xds.start(host, port)
         self.controller.rebuild()
-        self._admin = web.AppRunner(make_app(self.controller, self.token), access_log=None)
+        self.engine = RolloutEngine(self.controller)
+        self._admin = web.AppRunner(
+            make_app(self.controller, self.engine, self.token), access_log=None
+        )
         await self._admin.setup()
         host, port = split_hostport(self.config.listen.admin)
         await web.TCPSite(self._admin, host, port).start()
@@ -81,6 +86,7 @@ class Stack:
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)
             await self.envoy.start()
+        await self.engine.start()
 
     async def wait_ready(self) -> bool:
         backends = self.runtime is None or await self.runtime.wait_ready(BACKEND_READY_TIMEOUT_S)
@@ -90,6 +96,7 @@ class Stack:
         return backends and proxy
 
     async def stop(self) -> None:
+        await self.engine.stop()
         if self.envoy is not None:
             await self.envoy.stop()
         if self.runtime is not None:

@@ -7,6 +7,7 @@ middleware; handlers stay small and only translate HTTP to controller calls.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -20,21 +21,32 @@ from controlplane import logs, metrics
 from controlplane.admin.openapi import openapi_document
 from controlplane.controller import Controller
 from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthorized
+from controlplane.rollout.engine import TRANSITIONS, RolloutEngine
 
 log = logs.get("admin")
 CONTROLLER = web.AppKey("controller", Controller)
+ENGINE = web.AppKey("engine", RolloutEngine)
 TOKEN = web.AppKey("token", str)
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(controller: Controller, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_observe, _errors, _auth])
+def make_app(
+    controller: Controller, engine: RolloutEngine, token: str | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[_observe, _audit, _errors, _auth])
     app[CONTROLLER] = controller
+    app[ENGINE] = engine
     app[TOKEN] = token or ""
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_put("/v1/models/{model}/weights", put_weights)
+    app.router.add_post("/v1/rollouts", create_rollout)
+    app.router.add_get("/v1/rollouts", list_rollouts)
+    app.router.add_get("/v1/rollouts/{id}", get_rollout)
+    for action in TRANSITIONS:
+        app.router.add_post(f"/v1/rollouts/{{id}}/{action}", _rollout_command(action))
+    app.router.add_post("/v1/rollback", rollback)
     app.router.add_get("/v1/envoys", list_envoys)
     app.router.add_get("/v1/events", stream_events)
     app.router.add_get("/healthz", healthz)
@@ -64,6 +76,31 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         metrics.admin_requests.labels(name, request.method, str(status)).inc()
         metrics.admin_latency.labels(name, request.method).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One audit line per mutating call: who, what, and the result."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return await handler(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        logs.event(
+            log, "audit", who=_who(request), method=request.method, path=request.path,
+            status=status,
+        )  # fmt: skip
+
+
+def _who(request: web.Request) -> str:
+    """The caller: a short fingerprint of its token (never the token), else its address."""
+    given = request.headers.get("Authorization", "")
+    if given.startswith("Bearer "):
+        return "token:" + hashlib.sha256(given[7:].encode()).hexdigest()[:8]
+    return f"addr:{request.remote}"
 
 
 @web.middleware
@@ -131,6 +168,52 @@ async def put_weights(request: web.Request) -> web.Response:
     return web.json_response(await controller.set_weights(model_name, body["weights"]))
 
 
+async def create_rollout(request: web.Request) -> web.Response:
+    body = await json_body(request, allowed=None)
+    rollout = await request.app[ENGINE].create(body)
+    return web.json_response(rollout, status=201)
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    active = request.query.get("active")
+    if active not in (None, "true", "false"):
+        raise Invalid("active must be true or false", field="active")
+    rollouts = request.app[ENGINE].list(
+        model=request.query.get("model"), active=None if active is None else active == "true"
+    )
+    return web.json_response({"rollouts": rollouts})
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ENGINE].get(request.match_info["id"]))
+
+
+def _rollout_command(action: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        rollout = await request.app[ENGINE].command(request.match_info["id"], action)
+        return web.json_response(rollout)
+
+    handle.__name__ = f"rollout_{action}"
+    return handle
+
+
+async def rollback(request: web.Request) -> web.Response:
+    body = await json_body(request, allowed={"model", "all", "to"})
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise Invalid("all must be true or false", field="all")
+    model, to = body.get("model"), body.get("to")
+    if everything == (model is not None):
+        raise Invalid('give either "model" or "all": true', field="model")
+    for name, value in (("model", model), ("to", to)):
+        if value is not None and not isinstance(value, str):
+            raise Invalid(f"{name} must be a string", field=name)
+    if everything and to is not None:
+        raise Invalid('"to" needs a single "model"', field="to")
+    models = await request.app[ENGINE].rollback(model, everything, to)
+    return web.json_response({"models": models})
+
+
 async def list_envoys(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER]
     snapshot = controller.snapshot
@@ -193,7 +276,7 @@ async def openapi(request: web.Request) -> web.Response:
 # -- helpers -------------------------------------------------------------------------------
 
 
-async def json_body(request: web.Request, allowed: set[str]) -> dict:
+async def json_body(request: web.Request, allowed: set[str] | None) -> dict:
     """The request's JSON object; 400 if it is not one, 422 naming an unknown key."""
     try:
         body = await request.json()
@@ -201,7 +284,7 @@ async def json_body(request: web.Request, allowed: set[str]) -> dict:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
+    unknown = sorted(set(body) - allowed) if allowed is not None else []
     if unknown:
         raise Invalid(f"unknown field {unknown[0]!r}", field=unknown[0])
     return body

@@ -1,0 +1,1 @@
+"""Rollouts: strategies as step plans, walked by the engine, gated by analysis."""

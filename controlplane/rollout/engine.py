@@ -1,0 +1,486 @@
+"""The rollout engine: one asyncio task per active rollout, walking its strategy's plan.
+
+Phases and the commands that move between them are an explicit table (TRANSITIONS). Every
+change of a rollout goes through `_commit`: the rollout document and the model's traffic are
+persisted in one transaction, pushed to every Envoy, and only then recorded as done (history,
+event). A restart reloads active rollouts from the store and resumes them at the same step,
+honouring the pause time left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from controlplane import logs, metrics
+from controlplane.config import describe_validation_error
+from controlplane.controller import Controller, Traffic
+from controlplane.errors import Conflict, Invalid, NotFound
+from controlplane.rollout.analysis import Analysis, NoAnalysis, Verdict
+from controlplane.rollout.spec import RolloutSpec
+from controlplane.rollout.strategies import Pause, Plan, SetWeight, plan_for
+from controlplane.state import Model, TrafficPolicy
+
+log = logs.get("rollout")
+ACTIVE = ("progressing", "paused")
+PHASES = ("progressing", "paused", "succeeded", "aborted", "rolled_back")
+# command -> {phase it may start from: phase it leads to}. Same-phase entries make repeats no-ops.
+TRANSITIONS: dict[str, dict[str, str]] = {
+    "pause": {"progressing": "paused", "paused": "paused"},
+    "resume": {"paused": "progressing", "progressing": "progressing"},
+    "promote": {"progressing": "succeeded", "paused": "succeeded"},
+    "abort": {"progressing": "aborted", "paused": "aborted", "aborted": "aborted"},
+}
+WAIT_FOR_READY_S = 0.2
+HISTORY_LIMIT = 500
+
+AnalysisFactory = Callable[[dict[str, Any]], Analysis]
+
+
+class RolloutEngine:
+    def __init__(self, controller: Controller, analysis_for: AnalysisFactory | None = None) -> None:
+        self.controller = controller
+        self.analysis_for = analysis_for or (lambda rollout: NoAnalysis())
+        self.rollouts: dict[str, dict[str, Any]] = {}  # active rollouts by id
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._lock = asyncio.Lock()  # transitions one at a time, commands and steps alike
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume the rollouts that were active when the control plane stopped."""
+        for doc in reversed(self.controller.store.rollouts(active=True)):
+            model = self.controller.state.models.get(doc["model"])
+            if model is None or {doc["from"], doc["to"]} - set(model.versions):
+                doc.update(phase="aborted", message="model or version no longer configured")
+                self.controller.store.save(rollouts=[doc])
+                continue
+            model.active_rollout = doc["id"]
+            self.rollouts[doc["id"]] = doc
+            logs.event(log, "rollout.resumed_after_restart", id=doc["id"], step=doc["step_index"])
+            self._spawn(doc)
+
+    async def stop(self) -> None:
+        """Stop the tasks, not the rollouts: they resume on the next start."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def get(self, rollout_id: str) -> dict[str, Any]:
+        if rollout_id in self.rollouts:
+            return self.rollouts[rollout_id]
+        for doc in self.controller.store.rollouts():
+            if doc["id"] == rollout_id:
+                return doc
+        raise NotFound(f"unknown rollout {rollout_id!r}", field="id")
+
+    def list(self, model: str | None = None, active: bool | None = None) -> list[dict[str, Any]]:
+        return self.controller.store.rollouts(model=model, active=active)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def create(self, body: Any) -> dict[str, Any]:
+        """Validate a rollout spec against the model; start it. Raises before changing anything."""
+        spec = parse_spec(body)
+        model = self.controller.state.model(spec.model)
+        source = spec.from_ or model.stable
+        for field, version in (("to", spec.to), ("from", source)):
+            if version not in model.versions:
+                raise Invalid(
+                    f"model {model.name!r} has no version {version!r} "
+                    f"(versions: {', '.join(model.versions)})",
+                    field=field,
+                )
+        if spec.to == source:
+            raise Invalid(f"'to' and 'from' are both {source!r}: nothing to roll out", field="to")
+        async with self._lock:
+            if model.active_rollout:
+                raise Conflict(
+                    f"model {model.name!r} already has an active rollout ({model.active_rollout})",
+                    field="model",
+                )
+            now = time.time()
+            doc = {
+                **spec.to_json(),
+                "id": f"ro-{uuid.uuid4().hex[:10]}",
+                "from": source,
+                "phase": "progressing",
+                "step_index": 0,
+                "steps_total": len(plan_for(spec).steps),
+                "weights": model.weights,
+                "message": "starting",
+                "analysis_status": None,
+                "history": [],
+                "created_at": now,
+                "updated_at": now,
+                "pause_until": None,
+                "pause_left": None,
+                "failures": 0,
+            }
+            _record(doc, "started", "starting")
+            self.controller.store.save(rollouts=[doc])
+            model.active_rollout = doc["id"]
+            self.rollouts[doc["id"]] = doc
+        metrics.rollouts_started.labels(model.name, spec.strategy).inc()
+        self._emit("rollout.started", doc)
+        self._spawn(doc)
+        return doc
+
+    async def command(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """pause | resume | promote | abort; 409 when the phase does not allow it."""
+        async with self._lock:
+            doc = self.get(rollout_id)
+            target = TRANSITIONS[action].get(doc["phase"])
+            if target is None:
+                raise Conflict(f"cannot {action} a rollout that is {doc['phase']}", field="phase")
+            if target == doc["phase"]:
+                return doc  # a repeat: nothing to do
+            if action == "pause":
+                self._hold_pause_timer(doc)
+                await self._commit(doc, "paused", "paused", "paused by request")
+            elif action == "resume":
+                self._resume_from_gate(doc)
+                await self._commit(doc, "resumed", "progressing", "resumed")
+            elif action == "promote":
+                await self._cancel_task(doc["id"])
+                await self._finish(
+                    doc, "succeeded", "promoted", "promoted: all traffic to the candidate"
+                )
+            else:
+                await self._cancel_task(doc["id"])
+                await self._finish(doc, "aborted", "aborted", "aborted: all traffic back")
+        self._wake_task(rollout_id)
+        return doc
+
+    async def rollback(
+        self, model_name: str | None = None, everything: bool = False, to: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The emergency brake: abort, and 100 % to the last known-good version, ACKed.
+
+        No analysis and no waiting on anything but the Envoys' ACK: one snapshot for all
+        the models concerned.
+        """
+        state = self.controller.state
+        models = list(state.models.values()) if everything else [state.model(model_name or "")]
+        async with self._lock:
+            targets: dict[str, str] = {}
+            for model in models:
+                target = to or self._known_good(model)
+                if target not in model.versions:
+                    raise Invalid(f"model {model.name!r} has no version {target!r}", field="to")
+                if not model.versions[target].ready:
+                    raise Conflict(
+                        f"cannot roll {model.name!r} back to {target!r}: it has no ready endpoint",
+                        field="to",
+                    )
+                targets[model.name] = target
+            docs = []
+            for model in models:
+                if model.active_rollout:
+                    doc = self.rollouts[model.active_rollout]
+                    await self._cancel_task(doc["id"])
+                    doc.update(
+                        phase="aborted", message=f"emergency rollback to {targets[model.name]}"
+                    )
+                    _record(doc, "aborted", doc["message"])
+                    docs.append(doc)
+            await self.controller.apply_traffic(
+                {
+                    name: Traffic(_all_to(state.models[name], target))
+                    for name, target in targets.items()
+                },
+                rollouts=docs,
+            )
+            for doc in docs:
+                self._close(doc, "aborted")
+            for name, target in targets.items():
+                metrics.rollbacks.labels(name, "emergency").inc()
+                logs.event(log, "rollback.emergency", logging.WARNING, model=name, to=target)
+        return [state.models[name].to_json() for name in targets]
+
+    # -- the task that walks a plan --------------------------------------------------------------
+
+    def _spawn(self, doc: dict[str, Any]) -> None:
+        self._wake[doc["id"]] = asyncio.Event()
+        self._tasks[doc["id"]] = asyncio.create_task(self._run(doc), name=f"rollout-{doc['id']}")
+
+    async def _run(self, doc: dict[str, Any]) -> None:
+        try:
+            await self._walk(doc, plan_for(spec_of(doc)), self._analysis(doc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rollout.task_failed", extra={"fields": {"id": doc["id"]}})
+            async with self._lock:
+                if doc["phase"] in ACTIVE:
+                    doc["message"] = "internal error in the rollout task, paused; see the logs"
+                    await self._commit(doc, "paused", "paused", doc["message"])
+        finally:
+            self._tasks.pop(doc["id"], None)
+
+    def _analysis(self, doc: dict[str, Any]) -> Analysis | None:
+        return self.analysis_for(doc) if doc.get("analysis") else None
+
+    async def _walk(self, doc: dict[str, Any], plan: Plan, analysis: Analysis | None) -> None:
+        interval = doc.get("analysis", {}).get("interval_seconds", 1.0) if analysis else None
+        while doc["phase"] in ACTIVE:
+            if doc["phase"] == "paused":
+                if analysis and await self._judge(doc, analysis) == "rolled_back":
+                    return
+                await self._sleep(doc["id"], interval)
+                continue
+            if not self._candidate_ready(doc):
+                await self._wait_for_candidate(doc)
+                continue
+            if doc["step_index"] >= len(plan.steps):
+                async with self._lock:
+                    if doc["phase"] == "progressing":
+                        await self._finish(doc, "succeeded", "succeeded", "all steps done")
+                return
+            step = plan.steps[doc["step_index"]]
+            if isinstance(step, SetWeight):
+                async with self._lock:
+                    if doc["phase"] != "progressing":
+                        continue
+                    doc["weights"] = _split(self._model(doc), doc["from"], doc["to"], step.weight)
+                    await self._commit(
+                        doc, "step", "progressing", f"candidate at {step.weight}%", plan.policy
+                    )
+            elif step.seconds is None:
+                async with self._lock:
+                    if doc["phase"] != "progressing":
+                        continue
+                    message = f"waiting at step {doc['step_index'] + 1} for resume or promote"
+                    await self._commit(doc, "paused", "paused", message)
+                continue
+            else:
+                if not await self._timed_pause(doc, step, analysis, interval):
+                    continue
+            if analysis and not await self._gate(doc, analysis, interval):
+                continue
+            async with self._lock:
+                if doc["phase"] == "progressing":
+                    doc["step_index"] += 1
+                    doc["pause_until"] = None
+                    self.controller.store.save(rollouts=[_touch(doc)])
+
+    async def _timed_pause(self, doc, step: Pause, analysis, interval) -> bool:
+        """True once the pause has fully elapsed while progressing."""
+        if doc["pause_until"] is None:
+            async with self._lock:
+                doc["pause_until"] = time.time() + (step.seconds or 0)
+                doc["message"] = f"pausing {step.seconds:g}s at step {doc['step_index'] + 1}"
+                self.controller.store.save(rollouts=[_touch(doc)])
+        while doc["phase"] == "progressing":
+            left = doc["pause_until"] - time.time()
+            if left <= 0:
+                return True
+            await self._sleep(doc["id"], min(left, interval) if interval else left)
+            judging = analysis is not None and doc["phase"] == "progressing"
+            if judging and await self._judge(doc, analysis) == "rolled_back":
+                return False
+        return False
+
+    async def _gate(self, doc, analysis: Analysis, interval: float) -> bool:
+        """Hold until the analysis passes (True); False if the rollout left `progressing`."""
+        while doc["phase"] == "progressing":
+            result = await self._judge(doc, analysis)
+            if result == "pass":
+                return True
+            if result == "rolled_back":
+                return False
+            await self._sleep(doc["id"], interval)
+        return False
+
+    async def _judge(self, doc, analysis: Analysis) -> str:
+        """Ask the analysis once; roll back after `failure_limit` consecutive fails."""
+        verdict: Verdict = await analysis.evaluate(doc)
+        metrics.analysis_verdicts.labels(doc["model"], verdict.result).inc()
+        async with self._lock:
+            if doc["phase"] not in ACTIVE:
+                return doc["phase"]
+            doc["analysis_status"] = verdict.to_json()
+            if verdict.result == "fail":
+                doc["failures"] += 1
+                if doc["failures"] >= doc["analysis"].get("failure_limit", 1):
+                    await self._finish(
+                        doc, "rolled_back", "rolled_back", f"rolled back: {verdict.reason}"
+                    )
+                    metrics.rollbacks.labels(doc["model"], "analysis").inc()
+                    return "rolled_back"
+            else:
+                doc["failures"] = 0
+            if verdict.result == "inconclusive":
+                doc["message"] = f"holding step {doc['step_index'] + 1}: {verdict.reason}"
+            self.controller.store.save(rollouts=[_touch(doc)])
+        return verdict.result
+
+    async def _wait_for_candidate(self, doc) -> None:
+        message = f"waiting for {doc['to']} to have a ready endpoint"
+        if doc["message"] != message:
+            async with self._lock:
+                doc["message"] = message
+                self.controller.store.save(rollouts=[_touch(doc)])
+        await self._sleep(doc["id"], WAIT_FOR_READY_S)
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    async def _commit(
+        self, doc, event: str, phase: str, message: str, policy: TrafficPolicy | None = None
+    ) -> None:
+        """Persist and push `doc`'s phase and weights; record it once every Envoy ACKed."""
+        doc["phase"], doc["message"] = phase, message
+        model = self._model(doc)
+        keep = policy if policy is not None else model.policy
+        await self.controller.apply_traffic(
+            {model.name: Traffic(doc["weights"], keep)}, rollouts=[_touch(doc)]
+        )
+        _record(doc, event, message)
+        self.controller.store.save(rollouts=[doc])
+        self._emit(f"rollout.{event}", doc)
+        metrics.rollout_step.labels(doc["model"]).set(doc["step_index"])
+
+    async def _finish(self, doc, phase: str, event: str, message: str) -> None:
+        """End a rollout: succeeded (candidate 100 %), or aborted / rolled back (`from` 100 %)."""
+        model = self._model(doc)
+        winner = doc["to"] if phase == "succeeded" else doc["from"]
+        doc["weights"] = _all_to(model, winner)
+        doc["phase"], doc["message"], doc["pause_until"] = phase, message, None
+        await self.controller.apply_traffic(
+            {model.name: Traffic(doc["weights"], TrafficPolicy())}, rollouts=[_touch(doc)]
+        )
+        if phase == "succeeded":
+            model.stable, model.last_good = doc["to"], doc["from"]
+            self.controller.store.save(models=[model])
+        _record(doc, event, message)
+        if event == "promoted":
+            self._emit("rollout.promoted", doc)
+            _record(doc, "succeeded", message)
+        self._close(doc, phase)
+
+    def _close(self, doc, phase: str) -> None:
+        self.controller.store.save(rollouts=[doc])
+        self._model(doc).active_rollout = None
+        self.rollouts.pop(doc["id"], None)
+        self._wake.pop(doc["id"], None)
+        metrics.rollouts_finished.labels(doc["model"], phase).inc()
+        self._emit(f"rollout.{phase}", doc)
+        logs.event(
+            log, f"rollout.{phase}", id=doc["id"], model=doc["model"], message=doc["message"]
+        )
+
+    def _hold_pause_timer(self, doc) -> None:
+        if doc["pause_until"] is not None:
+            doc["pause_left"] = max(0.0, doc["pause_until"] - time.time())
+            doc["pause_until"] = None
+
+    def _resume_from_gate(self, doc) -> None:
+        """Resuming from a manual gate moves past it; from a timed pause, restarts its timer."""
+        plan = plan_for(spec_of(doc))
+        if doc["pause_left"] is not None:
+            doc["pause_until"], doc["pause_left"] = time.time() + doc["pause_left"], None
+        elif doc["step_index"] < len(plan.steps):
+            step = plan.steps[doc["step_index"]]
+            if isinstance(step, Pause) and step.seconds is None:
+                doc["step_index"] += 1
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _model(self, doc) -> Model:
+        return self.controller.state.model(doc["model"])
+
+    def _candidate_ready(self, doc) -> bool:
+        return self._model(doc).versions[doc["to"]].ready
+
+    def _known_good(self, model: Model) -> str:
+        if model.active_rollout:
+            return self.rollouts[model.active_rollout]["from"]
+        return model.last_good or model.stable
+
+    async def _cancel_task(self, rollout_id: str) -> None:
+        task = self._tasks.pop(rollout_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sleep(self, rollout_id: str, seconds: float | None) -> None:
+        """Sleep, but wake at once on a command for this rollout."""
+        wake = self._wake.get(rollout_id)
+        if wake is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), seconds)
+        wake.clear()
+
+    def _wake_task(self, rollout_id: str) -> None:
+        if rollout_id in self._wake:
+            self._wake[rollout_id].set()
+
+    def _emit(self, event: str, doc) -> None:
+        metrics.rollout_phase.labels(doc["model"]).set(PHASES.index(doc["phase"]))
+        self.controller.events.publish(
+            event, id=doc["id"], model=doc["model"], phase=doc["phase"],
+            step_index=doc["step_index"], weights=doc["weights"], message=doc["message"],
+        )  # fmt: skip
+
+
+def parse_spec(body: Any) -> RolloutSpec:
+    """Validate a spec from the API; Invalid names the field at fault."""
+    if not isinstance(body, dict):
+        raise Invalid("the rollout spec must be a JSON object")
+    try:
+        return RolloutSpec.model_validate(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc, body)
+        field, sep, _ = message.partition(": ")
+        raise Invalid(message, field=field if sep and " " not in field else None) from None
+
+
+def spec_of(doc: dict[str, Any]) -> RolloutSpec:
+    """The spec inside a stored rollout document (which carries engine fields too)."""
+    return RolloutSpec.model_validate({k: v for k, v in doc.items() if k in SPEC_KEYS})
+
+
+SPEC_KEYS = {field.alias or name for name, field in RolloutSpec.model_fields.items()}
+
+
+def _split(model: Model, source: str, candidate: str, weight: int) -> dict[str, int]:
+    weights = dict.fromkeys(model.versions, 0)
+    weights[source], weights[candidate] = 100 - weight, weight
+    return weights
+
+
+def _all_to(model: Model, version: str) -> dict[str, int]:
+    return {name: 100 if name == version else 0 for name in model.versions}
+
+
+def _touch(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["updated_at"] = time.time()
+    return doc
+
+
+def _record(doc: dict[str, Any], event: str, message: str) -> None:
+    doc["history"].append(
+        {
+            "time": time.time(),
+            "event": event,
+            "phase": doc["phase"],
+            "step_index": doc["step_index"],
+            "weights": dict(doc["weights"]),
+            "message": message,
+        }
+    )
+    del doc["history"][:-HISTORY_LIMIT]
+    _touch(doc)
