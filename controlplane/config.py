@@ -143,8 +143,9 @@ class ModelConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not value or any(ch.isspace() or ch in '@"\\' for ch in value) or len(value) > 200:
-            raise ValueError("must be non-empty, without spaces, '@', quotes or backslashes")
+        # '%' would be read by Envoy's formatter in our error bodies; '@' separates the version.
+        if not value or any(ch.isspace() or ch in '@%"\\' for ch in value) or len(value) > 200:
+            raise ValueError("must be non-empty, without spaces, '@', '%', quotes or backslashes")
         return value
 
     @model_validator(mode="after")

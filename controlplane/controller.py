@@ -91,13 +91,18 @@ class Controller:
         return model.to_json()
 
     async def apply_traffic(
-        self, changes: dict[str, Traffic], rollouts: list[dict] | None = None
+        self,
+        changes: dict[str, Traffic],
+        rollouts: list[dict] | None = None,
+        undo_on_reject: bool = True,
     ) -> int:
         """Set weights and route policy of one or more models; return after every ACK.
 
         The models (and the rollout documents that caused the change) are persisted in one
         transaction before the push. An Envoy NACK undoes the whole change (state, store,
-        Envoys) and raises EnvoyRejected. Returns how many Envoys confirmed.
+        Envoys) and raises EnvoyRejected; with `undo_on_reject=False` (emergency rollback:
+        the Envoys that accept it must keep it) the change stays. Returns how many Envoys
+        confirmed.
         """
         async with self._changes:
             models = [self.state.model(name) for name in changes]
@@ -113,7 +118,10 @@ class Controller:
                 raise
             try:
                 envoys = await self.xds.wait_applied(snapshot, ACK_TIMEOUT_S)
-            except EnvoyRejected:
+            except EnvoyRejected as exc:
+                if not undo_on_reject:
+                    exc.message += "; the other Envoys applied the change and keep it"
+                    raise
                 self._restore(models, before)
                 self.store.save(models)
                 self.rebuild()

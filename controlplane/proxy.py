@@ -16,6 +16,7 @@ from controlplane.config import Config, split_hostport
 
 log = logs.get("proxy")
 MAX_BACKOFF_S = 5.0
+HEALTHY_RUN_S = 30.0  # an Envoy that ran this long before dying was not crash-looping
 
 
 def render_bootstrap(
@@ -86,11 +87,15 @@ class EnvoySupervisor:
 
     async def _supervise(self) -> None:
         backoff = 0.1
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             assert self.process is not None
+            started = loop.time()
             code = await self.process.wait()
             if self._stopping:
                 return
+            if loop.time() - started >= HEALTHY_RUN_S:
+                backoff = 0.1  # else every crash after a few old ones would cost 5 s of outage
             logs.event(log, "envoy.exited", code=code, restarts=self.restarts)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)

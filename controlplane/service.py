@@ -8,6 +8,7 @@ Stop order is the reverse, and every child process is stopped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import signal
@@ -59,7 +60,7 @@ class Stack:
     state_dir: Path | None = None
     node_id: str | None = None
     controller: Controller = field(init=False)
-    engine: RolloutEngine = field(init=False)
+    engine: RolloutEngine | None = field(init=False, default=None)
     runtime: LocalRuntime | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
     _admin: web.AppRunner | None = field(init=False, default=None)
@@ -70,7 +71,10 @@ class Stack:
         processes.reap_orphans(self.state_dir)
         self.controller = Controller(self.config, self.state_dir)
         host, port = split_hostport(self.config.listen.xds)
-        await self.controller.xds.start(host, port)
+        try:
+            await self.controller.xds.start(host, port)
+        except OSError as exc:
+            raise _busy("listen.xds", self.config.listen.xds, exc) from None
         self.controller.rebuild()
         self.engine = RolloutEngine(self.controller)
         self._admin = web.AppRunner(
@@ -78,7 +82,10 @@ class Stack:
         )
         await self._admin.setup()
         host, port = split_hostport(self.config.listen.admin)
-        await web.TCPSite(self._admin, host, port).start()
+        try:
+            await web.TCPSite(self._admin, host, port).start()
+        except OSError as exc:
+            raise _busy("listen.admin", self.config.listen.admin, exc) from None
         logs.event(log, "admin.listening", address=self.config.listen.admin)
         if self.config.runtime == "local":
             self.runtime = LocalRuntime(self.controller)
@@ -96,7 +103,9 @@ class Stack:
         return backends and proxy
 
     async def stop(self) -> None:
-        await self.engine.stop()
+        """Stop what start() got to, in reverse order (it may have failed halfway)."""
+        if self.engine is not None:
+            await self.engine.stop()
         if self.envoy is not None:
             await self.envoy.stop()
         if self.runtime is not None:
@@ -111,6 +120,15 @@ class Stack:
         if self.with_envoy:
             return f"Switchyard is up: proxy http://{self.config.listen.proxy}/v1  admin {admin}"
         return f"Switchyard control plane is serving: admin {admin}  xds {self.config.listen.xds}"
+
+
+def _busy(key: str, address: str, exc: OSError) -> ConfigError:
+    """A listen address we cannot bind: one line naming the key, not a traceback."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "address already in use"
+    else:
+        reason = exc.strerror or "address in use or unavailable"
+    return ConfigError(f"{key}: cannot listen on {address}: {reason}")
 
 
 async def run(config: Config, with_envoy: bool) -> None:

@@ -45,12 +45,25 @@ def two_version_models(v1_weight: int = 100, sim: dict | None = None) -> list[di
     ]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (held open together, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def write_config(directory: Path, models: list[dict], **extra) -> tuple[Path, dict]:
+    proxy, admin, xds, envoy_admin = free_ports(4)
     listen = {
-        "proxy": f"127.0.0.1:{free_port()}",
-        "admin": f"127.0.0.1:{free_port()}",
-        "xds": f"127.0.0.1:{free_port()}",
-        "envoy_admin": f"127.0.0.1:{free_port()}",
+        "proxy": f"127.0.0.1:{proxy}",
+        "admin": f"127.0.0.1:{admin}",
+        "xds": f"127.0.0.1:{xds}",
+        "envoy_admin": f"127.0.0.1:{envoy_admin}",
     }
     config = {"listen": listen, "state_dir": str(directory / "state"), "models": models, **extra}
     path = directory / "switchyard.yaml"

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from controlplane import logs, metrics
 from controlplane.config import describe_validation_error
 from controlplane.controller import Controller, Traffic
-from controlplane.errors import Conflict, Invalid, NotFound
+from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound
 from controlplane.rollout.analysis import Analysis, NoAnalysis, Verdict
 from controlplane.rollout.spec import RolloutSpec
 from controlplane.rollout.strategies import Pause, Plan, SetWeight, plan_for
@@ -195,13 +195,13 @@ class RolloutEngine:
                     )
                     _record(doc, "aborted", doc["message"])
                     docs.append(doc)
-            await self.controller.apply_traffic(
-                {
-                    name: Traffic(_all_to(state.models[name], target))
-                    for name, target in targets.items()
-                },
-                rollouts=docs,
-            )
+            changes = {name: Traffic(_all_to(state.models[name], t)) for name, t in targets.items()}
+            try:
+                await self.controller.apply_traffic(changes, rollouts=docs, undo_on_reject=False)
+            except EnvoyRejected:
+                for doc in docs:  # applied and persisted all the same: the rollouts are over
+                    self._close(doc, "aborted")
+                raise
             for doc in docs:
                 self._close(doc, "aborted")
             for name, target in targets.items():

@@ -96,12 +96,21 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     async def start(self, host: str, port: int) -> int:
         self._server = grpc.aio.server(
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                # gRPC binds with SO_REUSEPORT by default: a second control plane on this port
+                # would start "fine" and silently take half of the Envoys. Make it fail instead.
+                ("grpc.so_reuseport", 0),
+            ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpcio raises (rather than returning 0) when bind fails
+            self.port = None
         if not self.port:
-            raise OSError(f"cannot listen for xDS on {host}:{port}")
+            raise OSError(f"cannot listen for xDS on {host}:{port} (address in use or unavailable)")
         await self._server.start()
         logs.event(log, "xds.listening", address=f"{host}:{self.port}")
         return self.port
