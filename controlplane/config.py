@@ -160,8 +160,27 @@ class ModelConfig(Strict):
         return self
 
 
+class Webhook(Strict):
+    """A URL that receives events as JSON POSTs (retried with backoff, never blocking)."""
+
+    url: StrictStr
+    events: list[StrictStr] = ["*"]  # event types, `rollout.*` prefixes, or `*` for all
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value
+
+
+class Notifications(Strict):
+    webhooks: list[Webhook] = []
+
+
 class Config(Strict):
     listen: Listen = Listen()
+    notifications: Notifications = Notifications()
     state_dir: StrictStr = ".switchyard"
     runtime: Literal["local", "kubernetes"] = "local"
     models: list[ModelConfig] = []

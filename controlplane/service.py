@@ -22,6 +22,7 @@ from controlplane.admin.app import make_app
 from controlplane.config import Config, split_hostport
 from controlplane.controller import Controller
 from controlplane.errors import ConfigError
+from controlplane.notify import Notifier
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.rollout.engine import RolloutEngine
@@ -62,6 +63,7 @@ class Stack:
     controller: Controller = field(init=False)
     engine: RolloutEngine | None = field(init=False, default=None)
     runtime: LocalRuntime | None = field(init=False, default=None)
+    notifier: Notifier | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
     _admin: web.AppRunner | None = field(init=False, default=None)
 
@@ -93,6 +95,8 @@ class Stack:
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)
             await self.envoy.start()
+        self.notifier = Notifier(self.controller.events, self.config.notifications.webhooks)
+        self.notifier.start()
         await self.engine.start()
 
     async def wait_ready(self) -> bool:
@@ -106,6 +110,8 @@ class Stack:
         """Stop what start() got to, in reverse order (it may have failed halfway)."""
         if self.engine is not None:
             await self.engine.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self.envoy is not None:
             await self.envoy.stop()
         if self.runtime is not None:
