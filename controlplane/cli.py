@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--node-id", default=None)
     boot.add_argument("--xds-host", default=None, help="address Envoy dials (default: listen.xds)")
 
-    client(command("models", cmd_models, "list models, versions, weights and readiness"))
+    models = client(command("models", cmd_models, "list models, versions, weights and readiness"))
+    models.add_argument("--health", action="store_true", help="per-version health, last 10 s")
     weights = client(command("weights", cmd_weights, "set a model's traffic split"))
     weights.add_argument("model")
     weights.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
@@ -226,6 +227,8 @@ def _print_json(data: Any) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     data = api(args, "GET", "/v1/models")
+    if args.health:
+        return print_health(args, data)
     if args.json:
         _print_json(data)
         return 0
@@ -245,6 +248,46 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
     _print_table(rows)
     return 0
+
+
+def print_health(args: argparse.Namespace, data: dict) -> int:
+    reports = [api(args, "GET", f"/v1/models/{m['name']}/health") for m in data["models"]]
+    if args.json:
+        _print_json({"health": reports})
+        return 0
+    rows = [
+        (
+            "MODEL",
+            "VERSION",
+            "WEIGHT",
+            "REQ/S",
+            "ERRORS",
+            "P50 MS",
+            "P95 MS",
+            "TTFT P95",
+            "ITL P95",
+            "QUEUE",
+        )
+    ]
+    for report in reports:
+        for name, v in report["versions"].items():
+            rows.append(
+                (
+                    report["model"], name, f"{v['weight']}%", _num(v["requests_per_second"]),
+                    _pct(v["error_rate"]), _num(v["latency_p50_ms"]), _num(v["latency_p95_ms"]),
+                    _num(v["ttft_p95_ms"]), _num(v["itl_p95_ms"]), _num(v["waiting"]),
+                )
+            )  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
 
 
 def cmd_weights(args: argparse.Namespace) -> int:

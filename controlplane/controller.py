@@ -16,6 +16,7 @@ from controlplane import logs, metrics
 from controlplane.config import Config, split_hostport
 from controlplane.errors import Conflict, EnvoyRejected
 from controlplane.events import EventBus
+from controlplane.health.signals import HealthSignals
 from controlplane.state import (
     Endpoint,
     Model,
@@ -59,6 +60,7 @@ class Controller:
         self.store = Store(self.state_dir / "switchyard.db")
         self.store.restore_models(self.state)
         self.events = EventBus()
+        self.health = HealthSignals()  # fed by Envoy stats and vLLM scrapes
         self.xds = XdsServer(self.events)
         self.proxy = ProxySettings(*split_hostport(config.listen.proxy))
         self.snapshot: Snapshot | None = None

@@ -229,3 +229,16 @@ async def test_emergency_rollback_refuses_a_target_without_endpoints(engine):
     with pytest.raises(Conflict, match="no ready endpoint"):
         await eng.rollback("chat", to="v3")
     assert eng.controller.state.models["chat"].weights["v1"] == 100
+
+
+async def test_a_candidate_without_endpoints_is_rolled_back_after_the_grace(engine):
+    eng = engine(ScriptedAnalysis([Verdict("pass")]))
+    analysis = {**ANALYSIS, "unready_grace_seconds": 0.2}
+    doc = await eng.create(
+        canary({"set_weight": 30}, {"pause": {"seconds": 30}}, analysis=analysis)
+    )
+    await _until(lambda: doc["weights"]["v2"] == 30)
+    eng.controller.set_endpoints("chat", "v2", [], "error")
+    await _until(lambda: doc["phase"] == "rolled_back")
+    assert "v2 had no ready endpoint" in doc["message"]
+    assert eng.controller.state.models["chat"].weights["v2"] == 0

@@ -28,6 +28,7 @@ CONTROLLER = web.AppKey("controller", Controller)
 ENGINE = web.AppKey("engine", RolloutEngine)
 TOKEN = web.AppKey("token", str)
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+HEALTH_WINDOW_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -41,6 +42,7 @@ def make_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_put("/v1/models/{model}/weights", put_weights)
+    app.router.add_get("/v1/models/{model}/health", model_health)
     app.router.add_post("/v1/rollouts", create_rollout)
     app.router.add_get("/v1/rollouts", list_rollouts)
     app.router.add_get("/v1/rollouts/{id}", get_rollout)
@@ -212,6 +214,28 @@ async def rollback(request: web.Request) -> web.Response:
         raise Invalid('"to" needs a single "model"', field="to")
     models = await request.app[ENGINE].rollback(model, everything, to)
     return web.json_response({"models": models})
+
+
+async def model_health(request: web.Request) -> web.Response:
+    """Per version over the last `window` seconds (default 10): rate, errors, latency, TTFT."""
+    controller = request.app[CONTROLLER]
+    model = controller.state.model(request.match_info["model"])
+    try:
+        window = float(request.query.get("window", HEALTH_WINDOW_S))
+    except ValueError:
+        raise Invalid("window must be a number of seconds", field="window") from None
+    if not 1 <= window <= 600:
+        raise Invalid("window must be from 1 to 600 seconds", field="window")
+    versions = {
+        name: {
+            "weight": version.weight,
+            "ready": version.ready,
+            "state": version.state,
+            **controller.health.window(model.name, name, window).to_json(),
+        }
+        for name, version in model.versions.items()
+    }
+    return web.json_response({"model": model.name, "window_seconds": window, "versions": versions})
 
 
 async def list_envoys(request: web.Request) -> web.Response:

@@ -127,6 +127,7 @@ class RolloutEngine:
                 "pause_until": None,
                 "pause_left": None,
                 "failures": 0,
+                "unready_since": None,
             }
             _record(doc, "started", "starting")
             self.controller.store.save(rollouts=[doc])
@@ -305,6 +306,8 @@ class RolloutEngine:
 
     async def _judge(self, doc, analysis: Analysis) -> str:
         """Ask the analysis once; roll back after `failure_limit` consecutive fails."""
+        if await self._unready_too_long(doc):
+            return "rolled_back"
         verdict: Verdict = await analysis.evaluate(doc)
         metrics.analysis_verdicts.labels(doc["model"], verdict.result).inc()
         async with self._lock:
@@ -326,7 +329,31 @@ class RolloutEngine:
             self.controller.store.save(rollouts=[_touch(doc)])
         return verdict.result
 
+    async def _unready_too_long(self, doc) -> bool:
+        """With analysis on: a candidate that has traffic but no ready endpoint for longer
+        than `unready_grace_seconds` is rolled back (True)."""
+        if not doc.get("analysis") or self._candidate_ready(doc):
+            doc["unready_since"] = None
+            return False
+        if not doc["weights"].get(doc["to"]):
+            return False  # no traffic on it: waiting costs nothing
+        now = time.time()
+        since = doc.get("unready_since") or now
+        doc["unready_since"] = since
+        grace = doc["analysis"].get("unready_grace_seconds", 10.0)
+        if now - since < grace:
+            return False
+        async with self._lock:
+            if doc["phase"] not in ACTIVE:
+                return True
+            reason = f"{doc['to']} had no ready endpoint for {now - since:.1f}s (grace {grace:g}s)"
+            await self._finish(doc, "rolled_back", "rolled_back", f"rolled back: {reason}")
+        metrics.rollbacks.labels(doc["model"], "unready").inc()
+        return True
+
     async def _wait_for_candidate(self, doc) -> None:
+        if await self._unready_too_long(doc):
+            return
         message = f"waiting for {doc['to']} to have a ready endpoint"
         if doc["message"] != message:
             async with self._lock:
@@ -454,6 +481,16 @@ def spec_of(doc: dict[str, Any]) -> RolloutSpec:
 
 
 SPEC_KEYS = {field.alias or name for name, field in RolloutSpec.model_fields.items()}
+
+
+def _reason_label(verdict: Verdict) -> str:
+    """A bounded label for the rollback metric: the first figure that crossed its threshold."""
+    figure = verdict.reason.split(" ", 1)[0] if verdict.reason else ""
+    return figure if figure in REASON_FIGURES else "analysis"
+
+
+REASON_FIGURES = {"error_rate", "latency_p95_ms", "ttft_p95_ms", "itl_p95_ms", "latency_ratio",
+                  "ttft_ratio", "error_rate_delta"}  # fmt: skip
 
 
 def _split(model: Model, source: str, candidate: str, weight: int) -> dict[str, int]:
