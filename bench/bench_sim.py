@@ -34,12 +34,14 @@ MODEL = "sim-model"
 
 
 def request_body(max_tokens: int, stream: bool) -> str:
-    return json.dumps({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Say hello."}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    })
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    )
 
 
 def wrk_script(body: str) -> str:
@@ -85,13 +87,20 @@ def stop_sim(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_wrk(url: str, body: str, duration: int, threads: int,
-            connections: int) -> dict[str, str]:
+def run_wrk(url: str, body: str, duration: int, threads: int, connections: int) -> dict[str, str]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(wrk_script(body))
     try:
-        cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-               "-s", script.name, url]
+        cmd = [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            script.name,
+            url,
+        ]
         print("$", " ".join(cmd), flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     finally:
@@ -149,8 +158,11 @@ def sim_success_total(port: int) -> float:
     """What the sim itself counted, to check the load really reached it."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total{")
+    )
 
 
 def main() -> None:
@@ -179,8 +191,10 @@ def main() -> None:
             stop_sim(proc)
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}")
     kind = "streaming" if args.stream else "non-streaming"
-    print(f"load: {args.connections} connections for {args.duration}s, {kind} chat completions, "
-          f"max_tokens={args.max_tokens}")
+    print(
+        f"load: {args.connections} connections for {args.duration}s, {kind} chat completions, "
+        f"max_tokens={args.max_tokens}"
+    )
     for key, value in result.items():
         print(f"{key}: {value}")
 

@@ -295,13 +295,14 @@ def build_route_config(models: list[dict]) -> route.RouteConfiguration:
             for m in models
         ],
     }
+    listing_json = json.dumps(listing, separators=(",", ":"))
     routes = [
         route.Route(
             name="models",
             match=route.RouteMatch(path="/v1/models", headers=[header_exact(":method", "GET")]),
             direct_response=route.DirectResponseAction(
                 status=200,
-                body=core.DataSource(inline_string=json.dumps(listing, separators=(",", ":"))),
+                body=core.DataSource(inline_string=listing_json),
             ),
             response_headers_to_add=[header("content-type", "application/json")],
         )
@@ -312,6 +313,7 @@ def build_route_config(models: list[dict]) -> route.RouteConfiguration:
     return route.RouteConfiguration(
         name="switchyard",
         virtual_hosts=[route.VirtualHost(name="openai", domains=["*"], routes=routes)],
+        max_direct_response_body_size_bytes=max(4096, len(listing_json.encode()) + 1024),
     )
 
 

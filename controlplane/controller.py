@@ -28,7 +28,7 @@ from controlplane.state import (
 from controlplane.store import Store
 from controlplane.xds.resources import ProxySettings
 from controlplane.xds.server import XdsServer
-from controlplane.xds.snapshot import Snapshot, build_snapshot
+from controlplane.xds.snapshot import Snapshot, SnapshotBuilder
 
 log = logs.get("controller")
 
@@ -64,12 +64,13 @@ class Controller:
         self.xds = XdsServer(self.events)
         self.proxy = ProxySettings(*split_hostport(config.listen.proxy))
         self.snapshot: Snapshot | None = None
+        self._builder = SnapshotBuilder(self.proxy)
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates
 
     def rebuild(self) -> Snapshot:
         """Build the snapshot of the current state and push it to every Envoy."""
         started = time.perf_counter()
-        snapshot = build_snapshot(self.state, self.proxy)
+        snapshot = self._builder.build(self.state)
         metrics.snapshot_build.observe(time.perf_counter() - started)
         self.snapshot = snapshot
         self.xds.publish(snapshot)

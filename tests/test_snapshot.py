@@ -134,3 +134,32 @@ def test_leaving_a_version_out_gives_it_zero_and_full_weight_makes_stable():
     apply_weights(model, check_weights(model, {"v2": 100}))
     assert model.weights == {"v1": 0, "v2": 100}
     assert model.stable == "v2"
+
+
+def test_the_incremental_builder_matches_a_fresh_build():
+    from controlplane.xds.snapshot import SnapshotBuilder
+
+    state = _state()
+    builder = SnapshotBuilder(PROXY)
+    model = state.models["chat"]
+    for weights in ({"v1": 100}, {"v1": 30, "v2": 70}, {"v2": 100}, {"v1": 100}):
+        apply_weights(model, check_weights(model, weights))
+        assert builder.build(state).versions == build_snapshot(state, PROXY).versions
+    model.versions["v2"].endpoints[0].ready = False
+    assert builder.build(state).versions == build_snapshot(state, PROXY).versions
+
+
+def test_a_long_model_list_raises_envoys_direct_response_limit():
+    config = parse_config(
+        {
+            "models": [
+                {"name": f"org/model-with-a-long-name-{i:03d}", "versions": [
+                    {"name": "v1", "weight": 100, "backend": {"url": "http://127.0.0.1:1"}}]}
+                for i in range(120)
+            ]
+        }
+    )  # fmt: skip
+    route_config = resources.build_route_config(State.from_config(config))
+    body = route_config.virtual_hosts[0].routes[0].direct_response.body.inline_string
+    assert len(body) > 4096
+    assert route_config.max_direct_response_body_size_bytes.value >= len(body)

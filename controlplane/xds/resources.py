@@ -9,7 +9,9 @@ on every change.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
@@ -154,20 +156,28 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
     )
 
 
-def build_route_config(state: State) -> route_pb2.RouteConfiguration:
-    routes = [_models_list_route(state)]
+def build_route_config(
+    state: State, routes_of: Callable[[Model], list[route_components_pb2.Route]] | None = None
+) -> route_pb2.RouteConfiguration:
+    """The one route configuration; `routes_of` may serve per-model routes from a cache."""
+    models_list = models_list_body(state)
+    routes = [_models_list_route(models_list)]
     for model in state.models.values():
-        routes.extend(_model_routes(model))
+        routes.extend((routes_of or model_routes)(model))
     routes.extend(_error_routes())
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
             route_components_pb2.VirtualHost(name="openai", domains=["*"], routes=routes)
         ],
+        # Envoy refuses direct responses over 4 KiB by default: about 40 models' list.
+        max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(
+            value=max(4096, len(models_list.encode()) + 1024)
+        ),
     )
 
 
-def _model_routes(model: Model) -> list[route_components_pb2.Route]:
+def model_routes(model: Model) -> list[route_components_pb2.Route]:
     """Pinned versions (preview header), an unknown pin, then the weighted split."""
     routes = []
     for version in model.versions.values():
@@ -235,8 +245,8 @@ def _apply_policy(model: Model, action: route_components_pb2.RouteAction) -> Non
         action.request_mirror_policies.append(mirror)
 
 
-def _models_list_route(state: State) -> route_components_pb2.Route:
-    """`GET /v1/models` answered by Envoy itself, rebuilt from the state on every change."""
+def models_list_body(state: State) -> str:
+    """The OpenAI model list of `GET /v1/models`, which Envoy answers itself."""
     body = {
         "object": "list",
         "data": [
@@ -249,6 +259,10 @@ def _models_list_route(state: State) -> route_components_pb2.Route:
             for model in state.models.values()
         ],
     }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _models_list_route(body: str) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name="models",
         match=route_components_pb2.RouteMatch(
@@ -256,15 +270,18 @@ def _models_list_route(state: State) -> route_components_pb2.Route:
         ),
         direct_response=route_components_pb2.DirectResponseAction(
             status=200,
-            body=base_pb2.DataSource(inline_string=json.dumps(body, separators=(",", ":"))),
+            body=base_pb2.DataSource(inline_string=body),
         ),
         response_headers_to_add=[_header("content-type", "application/json")],
     )
 
 
-def _error_routes() -> list[route_components_pb2.Route]:
-    """What no model route took: OpenAI-style 400s and 404s, in the `openai` SDK's shape."""
-    return [
+@functools.cache
+def _error_routes() -> tuple[route_components_pb2.Route, ...]:
+    """What no model route took: OpenAI-style 400s and 404s, in the `openai` SDK's shape.
+
+    Built once: the same for every snapshot (callers copy them into a new message)."""
+    return (
         route_components_pb2.Route(
             name="error/missing-model",
             match=_metadata_match(MISSING_MODEL, _header_exact(":method", "POST")),
@@ -306,7 +323,7 @@ def _error_routes() -> list[route_components_pb2.Route]:
             match=route_components_pb2.RouteMatch(prefix="/"),
             direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
         ),
-    ]
+    )
 
 
 def _openai_error(

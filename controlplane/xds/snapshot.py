@@ -41,23 +41,14 @@ class Snapshot:
     def from_resources(cls, by_type: dict[str, list]) -> Snapshot:
         """Check, pack and hash the messages; raises InconsistentSnapshot."""
         check_consistency(by_type)
-        packed: dict[str, dict[str, any_pb2.Any]] = {}
-        versions: dict[str, str] = {}
-        for type_url in TYPE_ORDER:
-            named: dict[str, any_pb2.Any] = {}
-            digest = hashlib.blake2b(digest_size=8)
-            for message in by_type.get(type_url, ()):
-                name = message.cluster_name if type_url == ENDPOINT else message.name
-                any_message = any_pb2.Any(
-                    type_url=type_url, value=message.SerializeToString(deterministic=True)
-                )
-                named[name] = any_message
-                digest.update(name.encode())
-                digest.update(any_message.value)
-            packed[type_url] = named
-            versions[type_url] = digest.hexdigest()
+        packed = {type_url: pack(type_url, by_type.get(type_url, ())) for type_url in TYPE_ORDER}
+        return cls.assemble(packed)
+
+    @classmethod
+    def assemble(cls, packed: dict[str, tuple[dict[str, any_pb2.Any], str]]) -> Snapshot:
+        versions = {type_url: packed[type_url][1] for type_url in TYPE_ORDER}
         overall = hashlib.blake2b("".join(versions.values()).encode(), digest_size=8).hexdigest()
-        return cls(overall, versions, packed)
+        return cls(overall, versions, {type_url: packed[type_url][0] for type_url in TYPE_ORDER})
 
     def response(
         self, type_url: str, names: frozenset[str] | None
@@ -79,6 +70,19 @@ class Snapshot:
         return cached
 
 
+def pack(type_url: str, messages) -> tuple[dict[str, any_pb2.Any], str]:
+    """Serialize each resource once; the type's version is a hash of names and bytes."""
+    named: dict[str, any_pb2.Any] = {}
+    digest = hashlib.blake2b(digest_size=8)
+    for message in messages:
+        name = message.cluster_name if type_url == ENDPOINT else message.name
+        value = message.SerializeToString(deterministic=True)
+        named[name] = any_pb2.Any(type_url=type_url, value=value)
+        digest.update(name.encode())
+        digest.update(value)
+    return named, digest.hexdigest()
+
+
 def check_consistency(by_type: dict[str, list]) -> None:
     """Refuse a snapshot Envoy would half-apply: a route to a missing cluster is a 503."""
     clusters = {cluster.name for cluster in by_type.get(CLUSTER, ())}
@@ -94,6 +98,62 @@ def check_consistency(by_type: dict[str, list]) -> None:
                 missing = [name for name in named if name not in clusters]
                 if missing:
                     raise InconsistentSnapshot(f"route {route.name!r} names unknown {missing}")
+
+
+class SnapshotBuilder:
+    """Builds snapshots from the state, reusing whatever did not change since the last one.
+
+    A weight change rebuilds only that model's routes and the route configuration: clusters,
+    endpoints and the listener are served from the previous snapshot's packed resources.
+    """
+
+    def __init__(self, proxy: resources.ProxySettings) -> None:
+        self.proxy = proxy
+        self._packed: dict[str, tuple[object, tuple[dict[str, any_pb2.Any], str]]] = {}
+        self._routes: dict[str, tuple[object, list]] = {}
+
+    def build(self, state: State) -> Snapshot:
+        clusters = tuple(
+            resources.cluster_name(m.name, v) for m in state.models.values() for v in m.versions
+        )
+        endpoints = tuple(
+            (resources.cluster_name(m.name, v.name), tuple(e.url for e in v.endpoints if e.ready))
+            for m in state.models.values()
+            for v in m.versions.values()
+        )
+        route_config = resources.build_route_config(state, self._model_routes)
+        check_consistency({CLUSTER: [_Named(name) for name in clusters], ROUTE: [route_config]})
+        packed = {
+            CLUSTER: self._cached(CLUSTER, clusters, lambda: resources.build_clusters(state)),
+            ENDPOINT: self._cached(ENDPOINT, endpoints, lambda: resources.build_endpoints(state)),
+            LISTENER: self._cached(
+                LISTENER, self.proxy, lambda: [resources.build_listener(self.proxy)]
+            ),
+            ROUTE: pack(ROUTE, [route_config]),
+        }
+        self._routes = {name: self._routes[name] for name in state.models if name in self._routes}
+        return Snapshot.assemble(packed)
+
+    def _cached(self, type_url: str, key: object, build) -> tuple[dict[str, any_pb2.Any], str]:
+        cached = self._packed.get(type_url)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = pack(type_url, build())
+        self._packed[type_url] = (key, result)
+        return result
+
+    def _model_routes(self, model) -> list:
+        key = (tuple((v.name, v.weight) for v in model.versions.values()), model.policy)
+        cached = self._routes.get(model.name)
+        if cached is None or cached[0] != key:
+            cached = (key, resources.model_routes(model))
+            self._routes[model.name] = cached
+        return cached[1]
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
 
 
 def build_snapshot(state: State, proxy: resources.ProxySettings) -> Snapshot:
