@@ -1,0 +1,301 @@
+"""The vLLM scraper against real simulators over HTTP, in-process on free ports.
+
+Requests go straight to the sims with the OpenAI SDK; the scraper's `scrape_once()` is called
+by hand around them so that every delta is deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest_asyncio
+from aiohttp import web
+
+from controlplane.config import parse_config
+from controlplane.health.signals import Delta, HealthSignals
+from controlplane.health.vllm_metrics import VllmScraper, histogram_delta, parse
+from controlplane.sim import SimConfig, make_app
+from controlplane.sim.metrics import SimMetrics
+from controlplane.state import Endpoint, State
+
+MODEL = "llama-3-8b"
+TTFT_MS = 40.0
+
+
+class Recording(HealthSignals):
+    """HealthSignals that also keeps every delta it was given, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str, Delta]] = []
+
+    def add(self, model: str, version: str, delta: Delta) -> None:
+        self.log.append((model, version, delta))
+        super().add(model, version, delta)
+
+    def of(self, version: str) -> list[Delta]:
+        return [delta for _, name, delta in self.log if name == version]
+
+
+@dataclass
+class Sim:
+    port: int
+    runner: web.AppRunner
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Sims:
+    """Starts sims (optionally on a given port, for restarts) and stops them all at the end."""
+
+    def __init__(self) -> None:
+        self.running: list[Sim] = []
+
+    async def start(self, port: int = 0, **config) -> Sim:
+        runner = web.AppRunner(make_app(SimConfig(**{"model": MODEL, **config})))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        sim = Sim(runner.addresses[0][1], runner)
+        self.running.append(sim)
+        return sim
+
+    async def stop(self, sim: Sim) -> None:
+        await sim.runner.cleanup()
+        self.running.remove(sim)
+
+
+@pytest_asyncio.fixture
+async def sims() -> AsyncIterator[Sims]:
+    started = Sims()
+    yield started
+    for sim in list(started.running):
+        await started.stop(sim)
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def make_state(urls: dict[str, str]) -> State:
+    """One model whose versions have url backends, all active with one ready endpoint."""
+    names = list(urls)
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": MODEL,
+                    "versions": [
+                        {"name": name, "weight": 100 if i == 0 else 0, "backend": {"url": url}}
+                        for i, (name, url) in enumerate(urls.items())
+                    ],
+                }
+            ]
+        }
+    )
+    state = State.from_config(config)
+    for name in names:
+        version = state.models[MODEL].versions[name]
+        version.state = "active"
+        version.endpoints = [Endpoint(urls[name])]
+    return state
+
+
+async def send(url: str, count: int) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        await asyncio.gather(
+            *(
+                client.completions.create(model=MODEL, prompt="hello", max_tokens=3)
+                for _ in range(count)
+            )
+        )
+
+
+def since(signals: HealthSignals, version: str, start: float):
+    """The window from `start` until now."""
+    now = time.time()
+    return signals.window(MODEL, version, now - start, now=now)
+
+
+# -- parsing, without the network ---------------------------------------------------------------
+
+
+def test_parse_sums_over_other_labels_and_keeps_the_served_model() -> None:
+    ours, other = SimMetrics(MODEL), SimMetrics("someone-else")
+    ours.running, ours.waiting, other.running = 2, 1, 50
+    for value in (0.03, 0.05, 0.2):
+        ours.ttft.observe(value)
+    other.ttft.observe(9.0, 100)
+    text = ours.render().decode()
+    # Two engines of one server (vLLM's data parallel labels each with engine="N").
+    engines = text.replace('model_name="', 'engine="0",model_name="') + text.replace(
+        'model_name="', 'engine="1",model_name="'
+    )
+    scrape = parse(engines + other.render().decode(), MODEL)
+    assert scrape.gauges == {"running": 4.0, "waiting": 2.0}
+    bounds, cumulative = scrape.histograms["ttft_s"]
+    assert bounds[:6] == (0.001, 0.005, 0.01, 0.02, 0.04, 0.06)
+    assert cumulative[-1] == 6.0  # +Inf: three observations on each engine
+    assert {"ttft_s", "itl_s", "e2e_s"} == set(scrape.histograms)
+    # A server whose series do not name the model (another served name): all of them count.
+    assert parse(text, "not-served-here").gauges == {"running": 2.0, "waiting": 1.0}
+
+
+def test_histogram_delta_subtracts_and_survives_resets() -> None:
+    bounds = (0.1, 0.2)
+    assert histogram_delta((bounds, [1.0, 3.0, 4.0]), (bounds, [1.0, 1.0, 1.0])).counts == [
+        0.0,
+        2.0,
+        1.0,
+    ]
+    assert histogram_delta((bounds, [1.0, 1.0, 1.0]), (bounds, [1.0, 1.0, 1.0])) is None
+    # Lower than before: a restarted backend; all it counted is new.
+    assert histogram_delta((bounds, [0.0, 2.0, 2.0]), (bounds, [5.0, 5.0, 9.0])).counts == [
+        0.0,
+        2.0,
+        0.0,
+    ]
+    assert histogram_delta((bounds, [1.0, 1.0, 2.0]), None).counts == [1.0, 0.0, 1.0]
+
+
+# -- against real sims --------------------------------------------------------------------------
+
+
+async def test_scrape_pushes_latency_deltas_and_queue_gauges(sims: Sims, http) -> None:
+    sim = await sims.start(ttft_ms=TTFT_MS)
+    signals = Recording()
+    scraper = VllmScraper(make_state({"v1": sim.url}), signals)
+    try:
+        await send(sim.url, 5)  # before the first scrape: never counted
+        start = time.time()
+        await scraper.scrape_once()
+        (first,) = signals.of("v1")
+        assert first.source == sim.url
+        assert (first.running, first.waiting) == (0.0, 0.0)
+        assert (first.ttft_s, first.itl_s, first.e2e_s) == (None, None, None)
+        assert (first.requests, first.errors) == (0.0, 0.0)
+
+        await send(sim.url, 10)
+        await scraper.scrape_once()
+        second = signals.of("v1")[-1]
+        assert second.ttft_s.total == 10 and second.e2e_s.total == 10
+        assert second.itl_s.total == 20  # 3 tokens: two inter-token gaps each
+        assert (second.requests, second.errors) == (0.0, 0.0)  # Envoy counts traffic
+        window = since(signals, "v1", start)
+        assert window.ttft_p95_ms >= TTFT_MS
+        assert (window.running, window.waiting) == (0.0, 0.0)
+
+        # A fault adding 300 ms of TTFT: requests in flight show in the running gauge, and
+        # once they are done the p95 of the deltas since then is up.
+        async with http.post(f"{sim.url}/sim/faults", json={"ttft_ms": 300}) as response:
+            assert response.status == 200
+        await scraper.scrape_once()
+        slow_start = time.time()
+        inflight = asyncio.create_task(send(sim.url, 3))
+        deadline = time.monotonic() + 2.0
+        while signals.of("v1")[-1].running != 3.0:
+            assert time.monotonic() < deadline, "3 requests in flight never showed as running"
+            await asyncio.sleep(0.02)
+            await scraper.scrape_once()
+        await inflight
+        await scraper.scrape_once()
+        assert signals.of("v1")[-1].running == 0.0
+        slow = since(signals, "v1", slow_start)
+        assert slow.ttft_p95_ms >= TTFT_MS + 300
+        assert slow.ttft_p95_ms > window.ttft_p95_ms
+    finally:
+        await scraper.stop()
+
+
+async def test_backend_restart_never_gives_negative_counts(sims: Sims) -> None:
+    sim = await sims.start(ttft_ms=TTFT_MS)
+    port, url = sim.port, sim.url
+    signals = Recording()
+    scraper = VllmScraper(make_state({"v1": url}), signals)
+    try:
+        await scraper.scrape_once()
+        await send(url, 10)
+        await scraper.scrape_once()
+        assert signals.of("v1")[-1].ttft_s.total == 10
+
+        await sims.stop(sim)
+        await scraper.scrape_once()  # connection refused: skipped, nothing raised or pushed
+        assert len(signals.of("v1")) == 2
+
+        restarted = await sims.start(port=port, ttft_ms=TTFT_MS)
+        await send(restarted.url, 3)
+        await scraper.scrape_once()  # counters went 10 -> 3: the 3 are the delta
+        after = signals.of("v1")[-1]
+        assert (after.ttft_s.total, after.e2e_s.total) == (3, 3)
+        for delta in signals.of("v1"):
+            for histogram in (delta.ttft_s, delta.itl_s, delta.e2e_s):
+                assert histogram is None or min(histogram.counts) >= 0
+        await send(restarted.url, 2)
+        await scraper.scrape_once()
+        assert signals.of("v1")[-1].ttft_s.total == 2
+    finally:
+        await scraper.stop()
+
+
+async def test_only_ready_endpoints_of_active_versions_are_scraped(sims: Sims) -> None:
+    one, two, three = [await sims.start() for _ in range(3)]
+    signals = Recording()
+    state = make_state({"v1": one.url, "v2": two.url, "v3": three.url})
+    versions = state.models[MODEL].versions
+    versions["v2"].endpoints[0].ready = False
+    versions["v3"].state = "sleeping"
+    scraper = VllmScraper(state, signals)
+    try:
+        await scraper.scrape_once()
+        assert [version for _, version, _ in signals.log] == ["v1"]
+        versions["v2"].endpoints[0].ready = True
+        await scraper.scrape_once()
+        assert sorted(version for _, version, _ in signals.log) == ["v1", "v1", "v2"]
+    finally:
+        await scraper.stop()
+
+
+async def test_a_hung_endpoint_times_out_without_holding_up_the_others(sims: Sims) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/metrics", hang)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hung = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    good = await sims.start()
+    signals = Recording()
+    scraper = VllmScraper(make_state({"v1": good.url, "v2": hung}), signals, timeout=0.2)
+    try:
+        started = time.monotonic()
+        await scraper.scrape_once()
+        assert time.monotonic() - started < 1.0
+        assert [version for _, version, _ in signals.log] == ["v1"]
+    finally:
+        await scraper.stop()
+        await runner.cleanup()
+
+
+async def test_the_loop_scrapes_every_interval_until_stopped(sims: Sims) -> None:
+    sim = await sims.start()
+    signals = Recording()
+    scraper = VllmScraper(make_state({"v1": sim.url}), signals, interval=0.1)
+    await scraper.start()
+    await asyncio.sleep(0.45)
+    await scraper.stop()
+    rounds = len(signals.log)
+    assert 2 <= rounds <= 6
+    await asyncio.sleep(0.2)
+    assert len(signals.log) == rounds  # stopped means stopped
+    assert scraper._task is None
