@@ -300,11 +300,20 @@ async def openapi(request: web.Request) -> web.Response:
 # -- helpers -------------------------------------------------------------------------------
 
 
+def _strict_loads(text: str):
+    """JSON as RFC 8259 has it: NaN and Infinity are not numbers we accept."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def json_body(request: web.Request, allowed: set[str] | None) -> dict:
     """The request's JSON object; 400 if it is not one, 422 naming an unknown key."""
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = await request.json(loads=_strict_loads)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")

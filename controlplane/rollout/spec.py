@@ -30,7 +30,10 @@ REQUIRED_FIELDS = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Strict: `false` or "10" is not a number of seconds; NaN and Infinity are not thresholds.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False
+    )
 
 
 class PauseSpec(Strict):
