@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench clean protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The Python code of protos/ (Envoy's metrics service), committed under controlplane/_gen;
+# tests/test_envoy_stats.py fails when it is stale.
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py controlplane/_gen
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ from controlplane.admin.app import make_app
 from controlplane.config import Config, split_hostport
 from controlplane.controller import Controller
 from controlplane.errors import ConfigError
+from controlplane.health.envoy_stats import EnvoyStatsReceiver
 from controlplane.notify import Notifier
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
@@ -65,6 +66,7 @@ class Stack:
     runtime: LocalRuntime | None = field(init=False, default=None)
     notifier: Notifier | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
+    envoy_stats: EnvoyStatsReceiver = field(init=False)
     _admin: web.AppRunner | None = field(init=False, default=None)
 
     async def start(self) -> None:
@@ -72,9 +74,10 @@ class Stack:
         self.state_dir = Path(self.state_dir or self.config.state_dir)
         processes.reap_orphans(self.state_dir)
         self.controller = Controller(self.config, self.state_dir)
+        self.envoy_stats = EnvoyStatsReceiver(self.controller.health, self.controller.state)
         host, port = split_hostport(self.config.listen.xds)
         try:
-            await self.controller.xds.start(host, port)
+            await self.controller.xds.start(host, port, services=[self.envoy_stats.add_to])
         except OSError as exc:
             raise _busy("listen.xds", self.config.listen.xds, exc) from None
         self.controller.rebuild()

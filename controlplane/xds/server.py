@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -94,7 +95,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(
+        self, host: str, port: int, services: Iterable[Callable[[grpc.aio.Server], None]] = ()
+    ) -> int:
+        """Listen for ADS, and for each of `services` (an `add_to(server)`) on the same port."""
         self._server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -105,6 +109,8 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
+        for add_to in services:
+            add_to(self._server)
         try:
             self.port = self._server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:  # grpcio raises (rather than returning 0) when bind fails
