@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import os
 import signal
 from dataclasses import dataclass, field
@@ -22,11 +23,14 @@ from controlplane.admin.app import make_app
 from controlplane.config import Config, split_hostport
 from controlplane.controller import Controller
 from controlplane.errors import ConfigError
+from controlplane.health.analysis import HealthAnalysis
 from controlplane.health.envoy_stats import EnvoyStatsReceiver
+from controlplane.health.vllm_metrics import VllmScraper
 from controlplane.notify import Notifier
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.rollout.engine import RolloutEngine
+from controlplane.xds.snapshot import ROUTE
 
 log = logs.get("service")
 BACKEND_READY_TIMEOUT_S = 60.0
@@ -65,6 +69,7 @@ class Stack:
     engine: RolloutEngine | None = field(init=False, default=None)
     runtime: LocalRuntime | None = field(init=False, default=None)
     notifier: Notifier | None = field(init=False, default=None)
+    scraper: VllmScraper | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
     envoy_stats: EnvoyStatsReceiver = field(init=False)
     _admin: web.AppRunner | None = field(init=False, default=None)
@@ -75,13 +80,17 @@ class Stack:
         processes.reap_orphans(self.state_dir)
         self.controller = Controller(self.config, self.state_dir)
         self.envoy_stats = EnvoyStatsReceiver(self.controller.health, self.controller.state)
+        if self.config.runtime == "local":
+            self.runtime = LocalRuntime(self.controller)
+            self.runtime.adopt_url_backends()
         host, port = split_hostport(self.config.listen.xds)
         try:
             await self.controller.xds.start(host, port, services=[self.envoy_stats.add_to])
         except OSError as exc:
             raise _busy("listen.xds", self.config.listen.xds, exc) from None
         self.controller.rebuild()
-        self.engine = RolloutEngine(self.controller)
+        health = self.controller.health
+        self.engine = RolloutEngine(self.controller, lambda rollout: HealthAnalysis(health))
         self._admin = web.AppRunner(
             make_app(self.controller, self.engine, self.token), access_log=None
         )
@@ -92,9 +101,10 @@ class Stack:
         except OSError as exc:
             raise _busy("listen.admin", self.config.listen.admin, exc) from None
         logs.event(log, "admin.listening", address=self.config.listen.admin)
-        if self.config.runtime == "local":
-            self.runtime = LocalRuntime(self.controller)
+        if self.runtime is not None:
             await self.runtime.start()
+        self.scraper = VllmScraper(self.controller.state, self.controller.health)
+        await self.scraper.start()
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)
             await self.envoy.start()
@@ -106,13 +116,39 @@ class Stack:
         backends = self.runtime is None or await self.runtime.wait_ready(BACKEND_READY_TIMEOUT_S)
         if not backends:
             logs.event(log, "backends.not_ready", timeout=BACKEND_READY_TIMEOUT_S)
-        proxy = self.envoy is None or await self.envoy.wait_ready()
+        proxy = self.envoy is None or (
+            await self.envoy.wait_ready() and await self._envoy_applied_config()
+        )
         return backends and proxy
+
+    async def _envoy_applied_config(self, timeout: float = 15.0) -> bool:
+        """The listener port opens before routes arrive: wait until Envoy runs our snapshot."""
+        snapshot = self.controller.snapshot
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            snapshot = self.controller.snapshot
+            streams = list(self.controller.xds.streams.values())
+            for stream in streams:
+                rejected = snapshot and stream.rejected(snapshot)
+                if rejected:
+                    logs.event(
+                        log, "envoy.rejected_config", logging.ERROR, node=stream.node_id,
+                        message=rejected[1]["message"],
+                    )  # fmt: skip
+                    return False
+            if snapshot and any(ROUTE in s.types and s.applied(snapshot) for s in streams):
+                return True
+            await asyncio.sleep(0.02)
+        logs.event(log, "envoy.not_configured", logging.ERROR, timeout=timeout)
+        return False
 
     async def stop(self) -> None:
         """Stop what start() got to, in reverse order (it may have failed halfway)."""
         if self.engine is not None:
             await self.engine.stop()
+        if self.scraper is not None:
+            await self.scraper.stop()
         if self.notifier is not None:
             await self.notifier.stop()
         if self.envoy is not None:

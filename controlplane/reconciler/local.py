@@ -32,6 +32,14 @@ class LocalRuntime:
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._session: aiohttp.ClientSession | None = None
 
+    def adopt_url_backends(self) -> None:
+        """`url` backends are used as given: in the very first snapshot, so an Envoy that
+        reconnects to a restarted control plane never sees them without endpoints."""
+        for model in self.controller.state.models.values():
+            for version in model.versions.values():
+                if version.backend.url is not None:
+                    version.endpoints, version.state = [Endpoint(version.backend.url)], "active"
+
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         for model in self.controller.state.models.values():
@@ -58,8 +66,7 @@ class LocalRuntime:
 
     async def _keep_running(self, model: str, version: str, backend: Backend) -> None:
         if backend.url is not None:
-            self.controller.set_endpoints(model, version, [Endpoint(backend.url)], "active")
-            return
+            return  # adopted before the first snapshot; probing it is the reconciler's job
         name = f"{backend.kind}-{model}@{version}".replace("/", "_")
         backoff = 0.5
         while True:
