@@ -395,6 +395,7 @@ async def test_a_rejected_snapshot_is_reported_never_resent_and_the_old_one_serv
     try:
         host, port = config.listen.xds.rsplit(":", 1)
         await controller.xds.start(host, int(port))
+        runtime.adopt_url_backends()
         controller.rebuild()
         await runtime.start()
         await envoy.start()

@@ -60,6 +60,30 @@ def _num(value: float) -> str:
     return f"{value:.4g}"
 
 
+STALL_FACTOR = 5  # the window must hold this many stable p99 latencies to call a stall
+STALL_MIN_S = 2.5  # and at least two of Envoy's 1 s stats flushes
+
+
+def stalled(candidate: Figures, stable: Figures | None) -> str | None:
+    """A hung candidate answers nothing, so it never reaches `min_requests`: catch it here.
+
+    Stalled = requests are in flight on the candidate, none completed in the window, while
+    the stable version completes requests well within it (its p99 latency times STALL_FACTOR
+    fits in the window). Long generations (p99 near or above the window) never count as a
+    stall: there, silence is normal.
+    """
+    if stable is None or not stable.requests or stable.latency_p99_ms is None:
+        return None
+    if candidate.requests or not candidate.in_flight or candidate.window_seconds < STALL_MIN_S:
+        return None
+    if stable.latency_p99_ms * STALL_FACTOR > candidate.window_seconds * 1000:
+        return None
+    return (
+        f"stalled {_num(candidate.in_flight)} requests in flight, none completed in "
+        f"{_num(candidate.window_seconds)}s (stable p99 {_num(stable.latency_p99_ms)} ms)"
+    )
+
+
 def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]) -> Verdict:
     """The verdict on `candidate` for the rollout's `analysis` dict (see the module doc)."""
     min_requests = thresholds.get("min_requests")
@@ -72,6 +96,9 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
         "stable": stable.to_json() if stable is not None else None,
         "thresholds": used,
     }
+    stall = stalled(candidate, stable)
+    if stall:
+        return Verdict("fail", stall, figures)
     if candidate.requests < min_requests:
         reason = f"{_num(candidate.requests)} requests < min_requests {min_requests}"
         return Verdict("inconclusive", reason, figures)
@@ -149,8 +176,10 @@ class HealthAnalysis:
     async def evaluate(self, rollout: dict[str, Any]) -> Verdict:
         thresholds = rollout.get("analysis") or {}
         interval = thresholds.get("interval_seconds") or 1.0
-        window = self.window_seconds or window_for(interval)
         now = time.time()
+        # Never judge a rollout on what its versions did before it started.
+        started = rollout.get("created_at") or 0.0
+        window = min(self.window_seconds or window_for(interval), max(0.0, now - started))
         model = rollout["model"]
         candidate = self.signals.window(model, rollout["to"], window, now)
         source = rollout.get("from")

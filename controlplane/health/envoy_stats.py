@@ -78,7 +78,8 @@ RETRIES = "upstream_rq_retry"
 PROTOCOL_ERRORS = "upstream_cx_protocol_error"
 REMOTE_CLOSES = "upstream_cx_destroy_remote_with_active_rq"
 LATENCY = "upstream_rq_time"
-WANTED = frozenset({RESPONSES, RETRIES, PROTOCOL_ERRORS, REMOTE_CLOSES, LATENCY})
+ACTIVE = "upstream_rq_active"  # a gauge: how a hung backend shows (nothing completes)
+WANTED = frozenset({RESPONSES, RETRIES, PROTOCOL_ERRORS, REMOTE_CLOSES, LATENCY, ACTIVE})
 # Envoy's sub-scopes of a cluster that repeat some of its stats (`cluster.X.external.
 # upstream_rq_xx`...): with a dotted cluster name they show in the family name, and are skipped.
 SUB_SCOPES = frozenset({"external", "internal", "canary", "retry"})
@@ -95,11 +96,13 @@ class Tally:
     protocol_errors: float = 0.0
     remote_closes: float = 0.0
     latency_ms: Histogram | None = None
+    in_flight: float = 0.0
 
     def to_delta(self, now: float, source: str) -> Delta | None:
         """None when nothing happened: idle clusters cost nothing downstream."""
         broken = min(self.protocol_errors, self.remote_closes)
-        if not (self.requests or self.server_errors or self.retries or broken or self.latency_ms):
+        busy = self.requests or self.server_errors or self.retries or broken or self.in_flight
+        if not (busy or self.latency_ms):
             return None
         return Delta(
             time=now,
@@ -107,6 +110,7 @@ class Tally:
             errors=self.server_errors + broken,
             retries=self.retries,
             latency_ms=self.latency_ms,
+            in_flight=self.in_flight,
             source=source,
         )
 
@@ -146,6 +150,8 @@ def read_flush(families: Iterable) -> dict[str, Tally]:
                     tally.server_errors += value
             elif stat == LATENCY:
                 _add_histogram(tally, metric.histogram)
+            elif stat == ACTIVE:
+                tally.in_flight += metric.gauge.value
             elif stat == RETRIES:
                 tally.retries += metric.counter.value
             elif stat == PROTOCOL_ERRORS:

@@ -75,6 +75,7 @@ class Delta:
     e2e_s: Histogram | None = None  # vLLM's e2e_request_latency_seconds
     running: float | None = None  # gauges: the last value in the window counts
     waiting: float | None = None
+    in_flight: float | None = None  # Envoy's upstream_rq_active: requests sent, not answered
     source: str = ""  # which Envoy or endpoint, so gauges are summed across sources
 
 
@@ -95,6 +96,7 @@ class Figures:
     itl_p95_ms: float | None
     running: float | None
     waiting: float | None
+    in_flight: float | None = None
 
     def to_json(self) -> dict:
         return {key: _round(value) for key, value in self.__dict__.items()}
@@ -145,6 +147,7 @@ class HealthSignals:
             itl_p95_ms=_ms(itl.quantile(0.95)) if itl else None,
             running=_last_gauges(deltas, "running"),
             waiting=_last_gauges(deltas, "waiting"),
+            in_flight=_last_gauges(deltas, "in_flight"),
         )
 
     def forget(self, model: str, version: str) -> None:

@@ -320,7 +320,7 @@ class RolloutEngine:
                     await self._finish(
                         doc, "rolled_back", "rolled_back", f"rolled back: {verdict.reason}"
                     )
-                    metrics.rollbacks.labels(doc["model"], "analysis").inc()
+                    metrics.rollbacks.labels(doc["model"], _reason_label(verdict)).inc()
                     return "rolled_back"
             else:
                 doc["failures"] = 0
@@ -489,8 +489,7 @@ def _reason_label(verdict: Verdict) -> str:
     return figure if figure in REASON_FIGURES else "analysis"
 
 
-REASON_FIGURES = {"error_rate", "latency_p95_ms", "ttft_p95_ms", "itl_p95_ms", "latency_ratio",
-                  "ttft_ratio", "error_rate_delta"}  # fmt: skip
+REASON_FIGURES = {"error_rate", "latency_p95_ms", "ttft_p95_ms", "itl_p95_ms", "stalled"}
 
 
 def _split(model: Model, source: str, candidate: str, weight: int) -> dict[str, int]:
