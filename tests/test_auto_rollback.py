@@ -7,6 +7,7 @@ rollback and check what a user would see afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -74,7 +75,10 @@ def candidate(stack):
     """v2's simulator URL; its faults are cleared and v1 restored after each test."""
     url = stack.api("GET", "/v1/models/llama-3-8b")[1]["versions"][1]["endpoints"][0]
     yield url
-    http_json("DELETE", f"{url}/sim/faults")
+    current_url = stack.api("GET", "/v1/models/llama-3-8b")[1]["versions"][1]["endpoints"]
+    for endpoint in current_url or [url]:
+        with contextlib.suppress(OSError):  # a killed candidate not back yet has no faults
+            http_json("DELETE", f"{endpoint}/sim/faults")
     time.sleep(1.5)  # requests slowed by the fault finish and Envoy flushes them (1 s)
     for rollout in stack.api("GET", "/v1/rollouts?active=true")[1]["rollouts"]:
         stack.api("POST", f"/v1/rollouts/{rollout['id']}/abort")
@@ -220,3 +224,20 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def test_a_killed_candidate_is_rolled_back(stack, candidate):
+    import os
+    import signal
+
+    pid_file = stack.state_dir / "pids" / "sim-llama-3-8b@v2.pid"
+    with Load(stack.proxy) as load:
+        rollout = canary(stack, {"max_error_rate": 0.05})
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        done = rolled_back(stack, rollout)
+        time.sleep(0.5)
+    assert done["weights"] == {"v1": 100, "v2": 0}
+    after = [s for s in load.statuses if s[0] > time.time() - 0.4]
+    assert after and all(status == 200 for _, _, status in after)
+    # the local runtime brings the killed simulator back for the next rollout
+    wait_until(lambda: stack.api("GET", "/v1/models/llama-3-8b")[1]["versions"][1]["ready"], 20)

@@ -231,7 +231,17 @@ def test_calls_without_the_right_token_are_401_and_change_nothing(guarded, token
     for path in ("/v1/models", "/v1/envoys", "/v1/rollouts"):
         status, body = http_json("GET", guarded.admin + path, token=token)
         assert status == 401, (path, body)
+    mutating = [
+        ("POST", "/v1/rollouts", {"model": MODEL, "to": "v2", "strategy": "immediate"}),
+        ("POST", "/v1/rollback", {"all": True}),
+        *[("POST", f"/v1/rollouts/ro-any/{verb}", None)
+          for verb in ("pause", "resume", "promote", "abort")],
+    ]  # fmt: skip
+    for method, path, body in mutating:
+        status, answer = http_json(method, guarded.admin + path, body, token=token)
+        assert status == 401, (path, answer)
     assert weights(guarded) == before
+    assert guarded.api("GET", "/v1/rollouts", token=TOKEN)[1]["rollouts"] == []
 
 
 def test_health_metrics_and_openapi_need_no_token(guarded):
