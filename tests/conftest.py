@@ -45,16 +45,25 @@ def two_version_models(v1_weight: int = 100, sim: dict | None = None) -> list[di
     ]
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held open together, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
+def free_ports(count: int, avoid=()) -> list[int]:
+    """`count` distinct free ports, none in `avoid` (held open together while chosen, so
+    none is handed out twice)."""
+    held, found = [], []
     try:
-        for sock in sockets:
+        while len(found) < count:
+            sock = socket.socket()
+            held.append(sock)
             sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+            if sock.getsockname()[1] not in avoid:
+                found.append(sock.getsockname()[1])
     finally:
-        for sock in sockets:
+        for sock in held:
             sock.close()
+    return found
+
+
+def listen_ports(config: dict) -> set[int]:
+    return {int(address.rsplit(":", 1)[1]) for address in config["listen"].values()}
 
 
 def write_config(directory: Path, models: list[dict], **extra) -> tuple[Path, dict]:

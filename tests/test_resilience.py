@@ -4,7 +4,6 @@ refused without harm: bad configuration files, bad admin API calls, bad CLI inpu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -22,8 +21,11 @@ import yaml
 from tests.conftest import (
     EnvoyProcess,
     Running,
+    free_ports,
     http_json,
+    listen_ports,
     start_switchyard,
+    switchyard,
     two_version_models,
     wait_for_proxy,
     wait_until,
@@ -36,48 +38,6 @@ COMPLETION = b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 1}'
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def distinct_ports(count: int, avoid=()) -> list[int]:
-    """Free ports, all different: conftest's free_port() may hand out one port twice."""
-    held, found = [], []
-    try:
-        while len(found) < count:
-            sock = socket.socket()
-            held.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            if sock.getsockname()[1] not in avoid:
-                found.append(sock.getsockname()[1])
-    finally:
-        for sock in held:
-            sock.close()
-    return found
-
-
-def distinct_config(directory: Path, models: list[dict]) -> tuple[Path, dict]:
-    """write_config() with four different listen ports."""
-    path, config = write_config(directory, models)
-    ports = distinct_ports(4)
-    config["listen"] = {
-        key: f"127.0.0.1:{p}" for key, p in zip(config["listen"], ports, strict=True)
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, config
-
-
-def listen_ports(config: dict) -> set[int]:
-    return {int(address.rsplit(":", 1)[1]) for address in config["listen"].values()}
-
-
-@contextlib.contextmanager
-def started(command: str, directory: Path, models: list[dict], env: dict | None = None):
-    """conftest's switchyard(), on distinct ports."""
-    path, config = distinct_config(directory, models)
-    running = start_switchyard(command, path, config, env)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def complete_once(proxy: str) -> str:
@@ -176,7 +136,7 @@ def kill_leftovers(pids) -> None:
 def guarded(tmp_path_factory) -> Iterator[Running]:
     directory = tmp_path_factory.mktemp("guarded")
     env = {"SWITCHYARD_ADMIN_TOKEN": TOKEN}
-    with started("up", directory, two_version_models(), env=env) as running:
+    with switchyard("up", directory, two_version_models(), env=env) as running:
         wait_for_proxy(running.proxy)
         yield running
 
@@ -287,7 +247,7 @@ def test_cli_exit_codes_and_messages(guarded):
     assert nodes[0] in done.stdout
     assert "rds" in done.stdout
 
-    (dead_port,) = distinct_ports(1, avoid=listen_ports(guarded.config))
+    (dead_port,) = free_ports(1, avoid=listen_ports(guarded.config))
     dead = f"http://127.0.0.1:{dead_port}"
     done = cli("models", "--server", dead, env=env)
     assert done.returncode == 1, done
@@ -339,7 +299,7 @@ def test_a_killed_envoy_comes_back_with_the_current_weights(guarded):
 
 
 def test_envoy_serves_on_while_the_control_plane_is_down_and_resyncs_after(tmp_path):
-    sim_ports = dict(zip(("v1", "v2"), distinct_ports(2), strict=True))
+    sim_ports = dict(zip(("v1", "v2"), free_ports(2), strict=True))
     sims = [
         subprocess.Popen(
             [sys.executable, "-m", "controlplane", "sim", *sim_args(port, version)],
@@ -365,9 +325,9 @@ def test_envoy_serves_on_while_the_control_plane_is_down_and_resyncs_after(tmp_p
                 ],
             }
         ]
-        config_path, config = distinct_config(tmp_path, models)
+        config_path, config = write_config(tmp_path, models)
         control = start_switchyard("serve", config_path, config)
-        (admin_port,) = distinct_ports(1, avoid=listen_ports(config))
+        (admin_port,) = free_ports(1, avoid=listen_ports(config))
         envoy = EnvoyProcess(tmp_path, config_path, "edge", admin_port)
         wait_for_proxy(control.proxy)
         set_weights(control, v1=0, v2=100)
@@ -425,7 +385,7 @@ def test_envoy_serves_on_while_the_control_plane_is_down_and_resyncs_after(tmp_p
 
 
 def test_a_killed_up_takes_its_children_and_ports_with_it(tmp_path):
-    config_path, config = distinct_config(tmp_path, two_version_models())
+    config_path, config = write_config(tmp_path, two_version_models())
     running = start_switchyard("up", config_path, config)
     pids: dict[str, int] = {}
     try:
@@ -461,7 +421,7 @@ def test_a_killed_up_takes_its_children_and_ports_with_it(tmp_path):
 
 def _config_text(case: str, state_dir: Path) -> str:
     keys = ("proxy", "admin", "xds", "envoy_admin")
-    listen = {key: f"127.0.0.1:{port}" for key, port in zip(keys, distinct_ports(4), strict=True)}
+    listen = {key: f"127.0.0.1:{port}" for key, port in zip(keys, free_ports(4), strict=True)}
     document = {"listen": listen, "state_dir": str(state_dir), "models": two_version_models()}
     versions = document["models"][0]["versions"]
     if case == "port":
@@ -515,8 +475,8 @@ def test_a_missing_config_file_is_exit_2(tmp_path):
 @pytest.mark.parametrize("key", ["xds", "admin"])
 def test_a_busy_listen_address_stops_up_with_a_clear_line(tmp_path, key):
     """Another control plane on the xDS port (gRPC, SO_REUSEPORT) or anything on the admin port."""
-    config_path, config = distinct_config(tmp_path, two_version_models())
-    (port,) = distinct_ports(1, avoid=listen_ports(config))
+    config_path, config = write_config(tmp_path, two_version_models())
+    (port,) = free_ports(1, avoid=listen_ports(config))
     if key == "xds":
         from concurrent import futures
 

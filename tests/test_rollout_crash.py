@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import yaml
 from tests.conftest import (
     EnvoyProcess,
     Running,
+    free_ports,
     start_switchyard,
     wait_for_proxy,
     wait_until,
@@ -42,23 +42,6 @@ THINK_S = 0.05  # between one client's requests: about 100 req/s from 8 clients
 
 
 # -- ports and processes ----------------------------------------------------------------------
-
-
-def distinct_ports(count: int, avoid=()) -> list[int]:
-    """Free ports, all different (held open together while they are picked)."""
-    held, found = [], []
-    try:
-        while len(found) < count:
-            sock = socket.socket()
-            held.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if port not in avoid and port not in found:
-                found.append(port)
-    finally:
-        for sock in held:
-            sock.close()
-    return found
 
 
 def healthy(port: int) -> bool:
@@ -82,7 +65,7 @@ def stop_process(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def sims() -> Iterator[dict[str, int]]:
     """Two simulators of llama-3-8b, v1 and v2, started here (not by switchyard)."""
-    ports = dict(zip(VERSIONS, distinct_ports(2), strict=True))
+    ports = dict(zip(VERSIONS, free_ports(2), strict=True))
     processes = []
     try:
         for version, port in ports.items():
@@ -153,14 +136,14 @@ def plane(tmp_path, sims) -> Iterator[Plane]:
         }
     ]
     config_path, config = write_config(tmp_path, models)
-    ports = distinct_ports(4, avoid=set(sims.values()))
+    ports = free_ports(4, avoid=set(sims.values()))
     config["listen"] = {
         key: f"127.0.0.1:{p}" for key, p in zip(config["listen"], ports, strict=True)
     }
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     running = Plane(config_path, config, start_switchyard("serve", config_path, config))
     try:
-        (envoy_admin,) = distinct_ports(1, avoid={*ports, *sims.values()})
+        (envoy_admin,) = free_ports(1, avoid={*ports, *sims.values()})
         running.envoy = EnvoyProcess(tmp_path, config_path, "edge", envoy_admin)
         wait_for_proxy(running.proxy, MODEL, timeout=30)
         yield running

@@ -5,9 +5,7 @@ Envoy rejects (NACK) is reported, never resent, and leaves the last good configu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -35,11 +33,12 @@ from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapsh
 from tests.conftest import (
     EnvoyProcess,
     Running,
-    start_switchyard,
+    free_ports,
+    listen_ports,
+    switchyard,
     two_version_models,
     wait_for_proxy,
     wait_until,
-    write_config,
 )
 
 MODEL = "llama-3-8b"
@@ -51,48 +50,6 @@ PREVIOUS_HOSTS = "envoy.retry_host_predicates/envoy.retry_host_predicates.previo
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def distinct_ports(count: int, avoid=()) -> list[int]:
-    """Free ports, all different: conftest's free_port() may hand out one port twice."""
-    held, found = [], []
-    try:
-        while len(found) < count:
-            sock = socket.socket()
-            held.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            if sock.getsockname()[1] not in avoid:
-                found.append(sock.getsockname()[1])
-    finally:
-        for sock in held:
-            sock.close()
-    return found
-
-
-def distinct_config(directory: Path, models: list[dict]) -> tuple[Path, dict]:
-    """write_config() with four different listen ports."""
-    path, config = write_config(directory, models)
-    ports = distinct_ports(4)
-    config["listen"] = {
-        key: f"127.0.0.1:{p}" for key, p in zip(config["listen"], ports, strict=True)
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, config
-
-
-def listen_ports(config: dict) -> set[int]:
-    return {int(address.rsplit(":", 1)[1]) for address in config["listen"].values()}
-
-
-@contextlib.contextmanager
-def started(command: str, directory: Path, models: list[dict], env: dict | None = None):
-    """conftest's switchyard(), on distinct ports."""
-    path, config = distinct_config(directory, models)
-    running = start_switchyard(command, path, config, env)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def served(proxy: str, count: int) -> Counter:
@@ -192,10 +149,10 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
     directory = tmp_path_factory.mktemp("fleet")
-    with started("serve", directory, two_version_models()) as running:
+    with switchyard("serve", directory, two_version_models()) as running:
         envoys: list[EnvoyProcess] = []
         try:
-            ports = distinct_ports(3, avoid=listen_ports(running.config))
+            ports = free_ports(3, avoid=listen_ports(running.config))
             admin_ports = dict(zip(NODES, ports, strict=False))
             for node in NODES:
                 envoys.append(EnvoyProcess(directory, running.config_path, node, admin_ports[node]))
@@ -374,7 +331,7 @@ async def test_a_rejected_snapshot_is_reported_never_resent_and_the_old_one_serv
     keys = ("proxy", "admin", "xds", "envoy_admin")
     config = parse_config(
         {
-            "listen": dict(zip(keys, (f"127.0.0.1:{p}" for p in distinct_ports(4)), strict=True)),
+            "listen": dict(zip(keys, (f"127.0.0.1:{p}" for p in free_ports(4)), strict=True)),
             "models": [
                 {
                     "name": MODEL,
