@@ -199,6 +199,8 @@ def set_weights(stack):
 class EnvoyProcess:
     """A standalone Envoy from `switchyard bootstrap`, for tests with several Envoys."""
 
+    extra_args: tuple[str, ...] = ()
+
     def __init__(self, directory: Path, config_path: Path, node_id: str, admin_port: int) -> None:
         bootstrap = subprocess.run(
             [sys.executable, "-m", "controlplane", "bootstrap", "--config", str(config_path),
@@ -216,7 +218,7 @@ class EnvoyProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [envoy_binary(), "-c", str(path), "--base-id", str(admin_port),
-                 "--disable-hot-restart", "--log-level", "warn"],
+                 "--disable-hot-restart", "--log-level", "warn", *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 

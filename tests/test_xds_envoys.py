@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from envoy.config.route.v3 import route_components_pb2
 from envoy.type.matcher.v3 import regex_pb2
@@ -25,7 +22,7 @@ from controlplane.config import parse_config
 from controlplane.controller import Controller
 from controlplane.errors import EnvoyRejected
 from controlplane.metrics import REGISTRY
-from controlplane.proxy import EnvoySupervisor, envoy_binary
+from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.sim import SimConfig, make_app
 from controlplane.xds import resources
@@ -104,35 +101,10 @@ def synced(running: Running, nodes) -> bool:
     )
 
 
-class PickyEnvoy:
+class PickyEnvoy(EnvoyProcess):
     """A real Envoy built without an extension our route configuration uses: it NACKs RDS."""
 
-    def __init__(self, directory: Path, config_path: Path, node_id: str, admin_port: int) -> None:
-        bootstrap = subprocess.run(
-            [sys.executable, "-m", "controlplane", "bootstrap", "--config", str(config_path),
-             "--node-id", node_id],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        document = yaml.safe_load(bootstrap)
-        document["admin"]["address"]["socket_address"]["port_value"] = admin_port
-        path = directory / f"{node_id}.yaml"
-        path.write_text(yaml.safe_dump(document))
-        with open(directory / f"{node_id}.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [envoy_binary(), "-c", str(path), "--base-id", str(admin_port),
-                 "--disable-hot-restart", "--log-level", "warn",
-                 "--disable-extensions", PREVIOUS_HOSTS],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    extra_args = ("--disable-extensions", PREVIOUS_HOSTS)
 
 
 # -- two Envoys on one `switchyard serve` ----------------------------------------------------
