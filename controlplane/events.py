@@ -30,8 +30,10 @@ class EventBus:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
+                # Too far behind: drop it, and make room for the None that ends its stream.
                 self._subscribers.discard(queue)
-                queue.put_nowait(None) if not queue.full() else None
+                queue.get_nowait()
+                queue.put_nowait(None)
         return event
 
     def subscribe(self) -> asyncio.Queue[Event | None]:
