@@ -27,7 +27,6 @@ log = logs.get("admin")
 CONTROLLER = web.AppKey("controller", Controller)
 ENGINE = web.AppKey("engine", RolloutEngine)
 TOKEN = web.AppKey("token", str)
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 HEALTH_WINDOW_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -157,11 +157,5 @@ class _Named:
 
 
 def build_snapshot(state: State, proxy: resources.ProxySettings) -> Snapshot:
-    return Snapshot.from_resources(
-        {
-            CLUSTER: resources.build_clusters(state),
-            ENDPOINT: resources.build_endpoints(state),
-            LISTENER: [resources.build_listener(proxy)],
-            ROUTE: [resources.build_route_config(state)],
-        }
-    )
+    """A snapshot built from scratch (nothing cached)."""
+    return SnapshotBuilder(proxy).build(state)
