@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint bench clean protos
+.PHONY: up test lint bench clean protos system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 up: $(STAMP)
 	$(BIN)/switchyard up --config switchyard.yaml
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 # tests/test_envoy_stats.py fails when it is stale.
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py controlplane/_gen
+
+# Debian packages the tests run for real (Prometheus, Chromium, kubectl); only what is missing.
+system-deps:
+	@scripts/install-system-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

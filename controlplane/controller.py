@@ -77,7 +77,7 @@ class Controller:
         for model in self.state.models.values():
             for version in model.versions.values():
                 metrics.version_weight.labels(model.name, version.name).set(version.weight)
-                metrics.version_ready.labels(model.name, version.name).set(int(version.ready))
+                metrics.backend_ready.labels(model.name, version.name).set(int(version.ready))
         return snapshot
 
     async def set_weights(self, model_name: str, weights: object) -> dict:

@@ -13,10 +13,54 @@ version_weight = Gauge(
     ["model", "version"],
     registry=REGISTRY,
 )
-version_ready = Gauge(
-    "switchyard_version_ready",
-    "1 when the version has a ready endpoint",
+backend_ready = Gauge(
+    "switchyard_backend_ready",
+    "1 when the version has a ready endpoint (in Envoy's EDS)",
     ["model", "version"],
+    registry=REGISTRY,
+)
+backend_state = Gauge(
+    "switchyard_backend_state",
+    "1 for the version's current state (starting, active, sleeping, waking, error, stopped)",
+    ["model", "version", "state"],
+    registry=REGISTRY,
+)
+backend_sleeps = Counter(
+    "switchyard_backend_sleeps_total",
+    "Versions parked (vLLM sleep mode or stopped), by model",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+backend_wakes = Counter(
+    "switchyard_backend_wakes_total",
+    "Versions woken from sleep or stop, by model",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+backend_sleep_seconds = Histogram(
+    "switchyard_backend_sleep_seconds",
+    "Time a version took to fall asleep",
+    ["model"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+backend_wake_seconds = Histogram(
+    "switchyard_backend_wake_seconds",
+    "Time a version took from wake request to ready",
+    ["model"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+backend_restarts = Counter(
+    "switchyard_backend_restarts_total",
+    "Backend processes restarted after they died",
+    ["model", "version"],
+    registry=REGISTRY,
+)
+scale_events = Counter(
+    "switchyard_scale_events_total",
+    "Scale-to-zero events: direction is `down` (idle, parked) or `up` (woken by a request)",
+    ["model", "version", "direction"],
     registry=REGISTRY,
 )
 weight_changes = Counter(

@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import logs, metrics
+from controlplane.admin import console, targets
 from controlplane.admin.openapi import openapi_document
 from controlplane.controller import Controller
 from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthorized
@@ -54,6 +55,8 @@ def make_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_get("/openapi.json", openapi)
+    console.add_routes(app)
+    targets.add_routes(app)
     return app
 
 
