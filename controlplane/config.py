@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -135,10 +136,42 @@ class VersionConfig(Strict):
         return value
 
 
+class RetryPolicy(Strict):
+    """Envoy's retries for one request of this model.
+
+    A connect failure or a reset before any response byte is always retried (up to
+    `attempts` times): nothing was generated, so nothing is sent twice. `on_5xx` also
+    retries a 5xx answer. Retries are counted in the health signals, so they cannot hide a
+    failing version from the analysis.
+    """
+
+    attempts: StrictInt = Field(1, ge=0, le=5)
+    on_5xx: StrictBool = False
+
+
+class AlertThresholds(Strict):
+    """A serving version that crosses one of these emits `health.degraded` (rollout or not)."""
+
+    max_error_rate: float | None = Field(None, ge=0, le=1)
+    max_latency_p95_ms: float | None = Field(None, gt=0)
+    max_ttft_p95_ms: float | None = Field(None, gt=0)
+    max_itl_p95_ms: float | None = Field(None, gt=0)
+    min_requests: StrictInt = Field(10, ge=1)
+    window_seconds: float = Field(10.0, ge=1, le=3600)
+
+
 class ModelConfig(Strict):
     name: StrictStr
     versions: list[VersionConfig] = Field(min_length=1)
+    # What happens to the previous stable after a rollout: vLLM sleep level 1 or 2, stopped,
+    # or kept running.
     park: Literal["sleep1", "sleep2", "stop", "keep"] = "sleep1"
+    # Scale to zero: park a version that had no request for this long (off when null); the
+    # next request wakes it and is held up to `wake_timeout_seconds`, then gets a 503.
+    idle_timeout_seconds: float | None = Field(None, gt=0)
+    wake_timeout_seconds: float = Field(120.0, gt=0)
+    retries: RetryPolicy = RetryPolicy()
+    alerts: AlertThresholds | None = None
 
     @field_validator("name")
     @classmethod

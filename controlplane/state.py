@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.config import Backend, Config, ModelConfig
+from controlplane.config import AlertThresholds, Backend, Config, ModelConfig, RetryPolicy
 from controlplane.errors import Invalid, NotFound
 
 VERSION_STATES = ("starting", "active", "sleeping", "waking", "error", "stopped")
@@ -84,6 +84,12 @@ class Model:
     active_rollout: str | None = None
     last_good: str | None = None  # the stable before the last successful rollout: undo target
     policy: TrafficPolicy = field(default_factory=TrafficPolicy)
+    # Settings from the model's configuration (see config.ModelConfig).
+    park: str = "sleep1"
+    idle_timeout_s: float | None = None
+    wake_timeout_s: float = 120.0
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    alerts: AlertThresholds | None = None
 
     @property
     def weights(self) -> dict[str, int]:
@@ -106,7 +112,11 @@ class Model:
             for version in config.versions
         }
         stable = max(config.versions, key=lambda version: version.weight).name
-        return cls(config.name, versions, stable)
+        return cls(
+            config.name, versions, stable, park=config.park,
+            idle_timeout_s=config.idle_timeout_seconds, wake_timeout_s=config.wake_timeout_seconds,
+            retries=config.retries, alerts=config.alerts,
+        )  # fmt: skip
 
 
 @dataclass
