@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import yaml
+
 from controlplane import __version__, logs
 from controlplane.config import default_config_path, load_config
 from controlplane.errors import ConfigError
@@ -99,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = client(command("models", cmd_models, "list models, versions, weights and readiness"))
     models.add_argument("--health", action="store_true", help="per-version health, last 10 s")
+    model_verbs = models.add_subparsers(title="model commands", metavar="VERB")
+    add = client(model_verbs.add_parser("add", help="add a model with its versions"))
+    add.set_defaults(func=cmd_models_add)
+    add.add_argument("name", nargs="?", help="the model name clients send")
+    add.add_argument(
+        "--version", dest="versions", action="append", default=[], metavar="NAME=BACKEND",
+        help="a version, e.g. v1=sim, v1=sim:ttft_ms=30, v1=url:http://10.0.0.5:8000, "
+        "v1=vllm:/models/llama (repeatable; the first gets 100%%)",
+    )  # fmt: skip
+    add.add_argument("--file", default=None, help="one model as YAML/JSON, as in switchyard.yaml")
+    add.add_argument("--no-wait", action="store_true", help="return before backends are ready")
+    add_version = client(model_verbs.add_parser("add-version", help="add a version at 0%%"))
+    add_version.set_defaults(func=cmd_models_add_version)
+    add_version.add_argument("model")
+    add_version.add_argument("version", metavar="NAME=BACKEND", help="e.g. v3=sim or v3=url:URL")
+    add_version.add_argument("--no-wait", action="store_true", help="return before it is ready")
+    remove = client(model_verbs.add_parser("remove-version", help="remove a version at 0%%"))
+    remove.set_defaults(func=cmd_models_remove_version)
+    remove.add_argument("model")
+    remove.add_argument("version")
     weights = client(command("weights", cmd_weights, "set a model's traffic split"))
     weights.add_argument("model")
     weights.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
@@ -248,6 +270,85 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
     _print_table(rows)
     return 0
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    if args.file:
+        try:
+            with open(args.file) as handle:
+                body = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError) as exc:
+            raise CliError(f"{args.file}: {exc}", code=2) from None
+    elif args.name and args.versions:
+        body = {"name": args.name, "versions": []}
+        for index, item in enumerate(args.versions):
+            name, backend = parse_version(item)
+            body["versions"].append({"name": name, "weight": 100 if index == 0 else 0,
+                                     "backend": backend})  # fmt: skip
+    else:
+        raise CliError("give NAME with --version NAME=BACKEND, or --file FILE", code=2)
+    model = api(args, "POST", "/v1/models", body)
+    print(f"added model {model['name']}: {', '.join(v['name'] for v in model['versions'])}")
+    for version in [] if args.no_wait else model["versions"]:
+        wait_ready(args, model["name"], version["name"])
+    return 0
+
+
+def cmd_models_add_version(args: argparse.Namespace) -> int:
+    name, backend = parse_version(args.version)
+    version = api(args, "POST", f"/v1/models/{args.model}/versions",
+                  {"name": name, "backend": backend})  # fmt: skip
+    if args.json and args.no_wait:
+        _print_json(version)
+        return 0
+    print(f"added {args.model}@{name} at 0% ({next(iter(version['backend']))} backend)")
+    return 0 if args.no_wait else wait_ready(args, args.model, name)
+
+
+def cmd_models_remove_version(args: argparse.Namespace) -> int:
+    api(args, "DELETE", f"/v1/models/{args.model}/versions/{args.version}")
+    print(f"removed {args.model}@{args.version}")
+    return 0
+
+
+def parse_version(text: str) -> tuple[str, dict]:
+    """`v3=sim:ttft_ms=30` -> ("v3", {"sim": {"ttft_ms": 30.0}}); usage error otherwise."""
+    name, sep, spec = text.partition("=")
+    kind, _, rest = spec.partition(":")
+    if not sep or not name or kind not in ("sim", "url", "vllm"):
+        raise CliError(f"expected NAME=sim|url:URL|vllm:MODEL, got {text!r}", code=2)
+    if kind == "url" or kind == "vllm":
+        if not rest:
+            raise CliError(f"{kind} needs a value, e.g. {name}={kind}:...", code=2)
+        return name, {"url": rest} if kind == "url" else {"vllm": {"model": rest}}
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise CliError(f"sim option {pair!r}: expected key=number", code=2) from None
+    return name, {"sim": options}
+
+
+def wait_ready(args: argparse.Namespace, model: str, version: str, timeout: float = 900) -> int:
+    """Show the version's state until it is ready (backends can take minutes to load)."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        found = api(args, "GET", f"/v1/models/{model}")
+        current = next((v for v in found["versions"] if v["name"] == version), None)
+        if current is None:
+            raise CliError(f"{model}@{version} disappeared")
+        if current["state"] != last:
+            print(f"  {model}@{version}: {current['state']}", flush=True)
+            last = current["state"]
+        if current["ready"]:
+            print(f"  {model}@{version}: ready at {', '.join(current['endpoints'])}")
+            return 0
+        time.sleep(WATCH_INTERVAL_S)
+    raise CliError(f"{model}@{version} not ready after {timeout:g}s (state {last})")
 
 
 def print_health(args: argparse.Namespace, data: dict) -> int:

@@ -8,20 +8,24 @@ publishes it to every Envoy and waits for their ACK.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane import logs, metrics
-from controlplane.config import Config, split_hostport
-from controlplane.errors import Conflict, EnvoyRejected
+from controlplane.config import Config, ModelConfig, VersionConfig, split_hostport
+from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, SwitchyardError
 from controlplane.events import EventBus
 from controlplane.health.signals import HealthSignals
 from controlplane.state import (
+    VERSION_STATES,
     Endpoint,
     Model,
     State,
     TrafficPolicy,
+    Version,
     apply_weights,
     check_weights,
 )
@@ -29,6 +33,11 @@ from controlplane.store import Store
 from controlplane.xds.resources import ProxySettings
 from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import Snapshot, SnapshotBuilder
+
+if TYPE_CHECKING:
+    from controlplane.reconciler.runtime import Runtime
+
+SLEEP_LEVELS = {"sleep1": 1, "sleep2": 2}  # a model's `park` -> vLLM's /sleep?level=
 
 log = logs.get("controller")
 
@@ -50,6 +59,7 @@ class _Saved:
 
 
 ACK_TIMEOUT_S = 10.0
+PARKED_STATES = ("sleeping", "waking", "stopped")
 
 
 class Controller:
@@ -66,6 +76,7 @@ class Controller:
         self.snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder(self.proxy)
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates
+        self.runtime: Runtime | None = None  # set by the Stack; runs the versions' backends
 
     def rebuild(self) -> Snapshot:
         """Build the snapshot of the current state and push it to every Envoy."""
@@ -150,18 +161,166 @@ class Controller:
                 saved.last_good,
             )
 
+    # -- models and versions at run time ----------------------------------------------------
+
+    async def add_model(self, config: ModelConfig) -> Model:
+        """A new model with its versions: persisted, routed, its backends started."""
+        async with self._changes:
+            if config.name in self.state.models:
+                raise Conflict(f"model {config.name!r} already exists", field="name")
+            model = Model.from_config(config)
+            model.spec = config
+            self.state.models[model.name] = model
+            try:
+                self.store.save([model])
+            except Exception:
+                del self.state.models[model.name]
+                raise
+            self.rebuild()
+        logs.event(log, "model.added", model=model.name, versions=",".join(model.versions))
+        self.events.publish("model.added", model=model.name)
+        for version in model.versions.values():
+            await self._ensure(model.name, version)
+        return model
+
+    async def add_version(self, model_name: str, config: VersionConfig) -> Version:
+        """A new version of a model, at weight 0: it starts, becomes ready, takes no traffic
+        until a rollout or a weight change gives it some."""
+        async with self._changes:
+            model = self.state.model(model_name)
+            if config.name in model.versions:
+                raise Conflict(
+                    f"model {model_name!r} already has a version {config.name!r}", field="name"
+                )
+            if config.weight:
+                raise Invalid(
+                    "a new version joins at weight 0; use a rollout or a weight change",
+                    field="weight",
+                )
+            version = Version(config.name, 0, config.backend, added=True)
+            model.versions[version.name] = version
+            model.removed.discard(version.name)
+            try:
+                self.store.save([model])
+            except Exception:
+                del model.versions[version.name]
+                raise
+            self.rebuild()
+        logs.event(log, "version.added", model=model_name, version=version.name,
+                   backend=version.backend.kind)  # fmt: skip
+        self.events.publish("version.added", model=model_name, version=version.name)
+        await self._ensure(model_name, version)
+        return version
+
+    async def remove_version(self, model_name: str, version_name: str) -> None:
+        """Take a version out: refused while it has weight, is a rollout's, or is the last."""
+        async with self._changes:
+            model = self.state.model(model_name)
+            version = model.versions.get(version_name)
+            if version is None:
+                raise NotFound(
+                    f"model {model_name!r} has no version {version_name!r}", field="version"
+                )
+            if version.weight:
+                raise Conflict(
+                    f"{model_name}@{version_name} has weight {version.weight}%: "
+                    "move its traffic away first",
+                    field="version",
+                )
+            if model.active_rollout:
+                raise Conflict(
+                    f"model {model_name!r} has an active rollout ({model.active_rollout})",
+                    field="version",
+                )
+            if model.policy.mirror_to == version_name:
+                raise Conflict(f"{version_name!r} receives mirrored traffic", field="version")
+            del model.versions[version_name]
+            saved = (model.stable, model.last_good)
+            if model.last_good == version_name:
+                model.last_good = None
+            if not version.added:
+                model.removed.add(version_name)
+            try:
+                self.store.save([model])
+            except Exception:
+                model.versions[version_name] = version
+                model.stable, model.last_good = saved
+                model.removed.discard(version_name)
+                raise
+            self.health.forget(model_name, version_name)
+            snapshot = self.rebuild()
+            await self.xds.wait_applied(snapshot, ACK_TIMEOUT_S)
+        logs.event(log, "version.removed", model=model_name, version=version_name)
+        self.events.publish("version.removed", model=model_name, version=version_name)
+        if self.runtime is not None:
+            await self.runtime.remove(model_name, version_name)
+
+    # -- parking -------------------------------------------------------------------------------
+
+    async def park(self, model_name: str, version_name: str) -> None:
+        """Park a version nobody routes to, as the model's `park` says: vLLM sleep level 1
+        or 2 (the process stays, the GPU is freed), stopped, or kept running. Failures are
+        logged, never raised: parking only saves resources."""
+        model = self.state.models.get(model_name)
+        version = model.versions.get(version_name) if model else None
+        if self.runtime is None or model is None or version is None or model.park == "keep":
+            return
+        if version.weight or model.policy.mirror_to == version_name:
+            return  # it serves again (a new rollout or weight change came first)
+        try:
+            if model.park == "stop":
+                await self.runtime.scale(model_name, version_name, 0)
+            else:
+                await self.runtime.sleep(model_name, version_name, SLEEP_LEVELS[model.park])
+        except SwitchyardError as exc:
+            logs.event(log, "backend.park_failed", logging.WARNING, model=model_name,
+                       version=version_name, error=exc.message)  # fmt: skip
+
+    async def wake(self, model_name: str, version_name: str) -> float:
+        """Wake a parked version; the seconds it took (0 when it was not parked)."""
+        version = self.state.model(model_name).versions[version_name]
+        if self.runtime is None or version.state not in PARKED_STATES:
+            return 0.0
+        return await self.runtime.wake(model_name, version_name)
+
+    def set_activator(self, model_name: str, version_name: str, url: str | None) -> None:
+        """Scale to zero: while the version is parked, its EDS endpoint is the activator."""
+        version = self.state.model(model_name).versions[version_name]
+        version.activator = url
+        if url is None and version.state in PARKED_STATES:
+            version.endpoints = []
+            self.rebuild()
+
+    async def _ensure(self, model_name: str, version: Version) -> None:
+        if self.runtime is not None:
+            await self.runtime.ensure(model_name, version.name, version.backend)
+
     def set_endpoints(
         self, model_name: str, version_name: str, endpoints: list[Endpoint], state: str
     ) -> None:
         """Called by the runtime when a version's endpoints or readiness change."""
-        version = self.state.model(model_name).versions[version_name]
-        was_ready = version.ready
+        model = self.state.models.get(model_name)
+        version = model.versions.get(version_name) if model else None
+        if version is None:
+            return  # removed meanwhile: its runtime is stopping it
+        was_ready, was_state = version.ready, version.state
+        if version.activator and not endpoints and state in PARKED_STATES:
+            endpoints = [Endpoint(version.activator)]  # scaled to zero: requests wake it
+        elif state == "active":
+            version.activator = None  # ready again: traffic goes to it directly
         version.endpoints, version.state = endpoints, state
         self.rebuild()
+        for name in VERSION_STATES:
+            metrics.backend_state.labels(model_name, version_name, name).set(int(name == state))
+        fields = dict(model=model_name, version=version_name, state=state)
         if version.ready != was_ready:
             kind = "backend.ready" if version.ready else "backend.unready"
-            logs.event(log, kind, model=model_name, version=version_name, state=state)
-            self.events.publish(kind, model=model_name, version=version_name, state=state)
+            logs.event(log, kind, **fields)
+            self.events.publish(kind, **fields)
+        if state != was_state and state == "sleeping":
+            self.events.publish("backend.sleeping", **fields)
+        if state == "active" and was_state in ("sleeping", "waking", "stopped"):
+            self.events.publish("backend.awake", **fields)
 
 
 def _fmt(weights: dict[str, int]) -> str:

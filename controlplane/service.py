@@ -28,6 +28,7 @@ from controlplane.health.envoy_stats import EnvoyStatsReceiver
 from controlplane.health.vllm_metrics import VllmScraper
 from controlplane.notify import Notifier
 from controlplane.proxy import EnvoySupervisor
+from controlplane.reconciler.activator import Activator
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.rollout.engine import RolloutEngine
 from controlplane.xds.snapshot import ROUTE
@@ -68,6 +69,7 @@ class Stack:
     controller: Controller = field(init=False)
     engine: RolloutEngine | None = field(init=False, default=None)
     runtime: LocalRuntime | None = field(init=False, default=None)
+    activator: Activator | None = field(init=False, default=None)
     notifier: Notifier | None = field(init=False, default=None)
     scraper: VllmScraper | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
@@ -83,6 +85,7 @@ class Stack:
         if self.config.runtime == "local":
             self.runtime = LocalRuntime(self.controller)
             self.runtime.adopt_url_backends()
+            self.controller.runtime = self.runtime
         host, port = split_hostport(self.config.listen.xds)
         try:
             await self.controller.xds.start(host, port, services=[self.envoy_stats.add_to])
@@ -103,6 +106,8 @@ class Stack:
         logs.event(log, "admin.listening", address=self.config.listen.admin)
         if self.runtime is not None:
             await self.runtime.start()
+            self.activator = Activator(self.controller)
+            await self.activator.start()
         self.scraper = VllmScraper(self.controller.state, self.controller.health)
         await self.scraper.start()
         if self.with_envoy:
@@ -153,6 +158,8 @@ class Stack:
             await self.notifier.stop()
         if self.envoy is not None:
             await self.envoy.stop()
+        if self.activator is not None:
+            await self.activator.stop()
         if self.runtime is not None:
             await self.runtime.stop()
         if self._admin is not None:
@@ -163,7 +170,10 @@ class Stack:
     def banner(self) -> str:
         admin = f"http://{self.config.listen.admin}"
         if self.with_envoy:
-            return f"Switchyard is up: proxy http://{self.config.listen.proxy}/v1  admin {admin}"
+            return (
+                f"Switchyard is up: proxy http://{self.config.listen.proxy}/v1  admin {admin}  "
+                f"console {admin}/ui/"
+            )
         return f"Switchyard control plane is serving: admin {admin}  xds {self.config.listen.xds}"
 
 

@@ -37,6 +37,8 @@ class Version:
     backend: Backend
     state: str = "starting"
     endpoints: list[Endpoint] = field(default_factory=list)
+    added: bool = False  # added at run time (API or runtime), not in switchyard.yaml
+    activator: str | None = None  # scaled to zero: Envoy sends its requests here meanwhile
 
     @property
     def ready(self) -> bool:
@@ -90,6 +92,8 @@ class Model:
     wake_timeout_s: float = 120.0
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     alerts: AlertThresholds | None = None
+    spec: ModelConfig | None = None  # set when the model was added at run time (persisted)
+    removed: set[str] = field(default_factory=set)  # configured versions removed at run time
 
     @property
     def weights(self) -> dict[str, int]:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import logs
+from controlplane.config import Backend, ModelConfig
 from controlplane.errors import Unavailable
-from controlplane.state import Model, State, TrafficPolicy
+from controlplane.state import Model, State, TrafficPolicy, Version
 
 log = logs.get("store")
 SCHEMA = """
@@ -61,6 +62,15 @@ class Store:
                     "stable": model.stable,
                     "last_good": model.last_good,
                     "policy": model.policy.to_json(),
+                    # Run-time changes over switchyard.yaml: a model added through the API
+                    # (its spec), versions added (with backends) and configured ones removed.
+                    "spec": model.spec.model_dump(mode="json") if model.spec else None,
+                    "added": {
+                        v.name: v.backend.model_dump(mode="json", exclude_none=True)
+                        for v in model.versions.values()
+                        if v.added
+                    },
+                    "removed": sorted(model.removed),
                 }
                 self._db.execute(
                     "INSERT INTO models (name, doc, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) "
@@ -94,10 +104,16 @@ class Store:
         weights win) and logged, rather than routing to a version that does not exist.
         """
         for name, doc_json in self._db.execute("SELECT name, doc FROM models").fetchall():
+            doc = json.loads(doc_json)
             model = state.models.get(name)
+            if model is None and doc.get("spec"):
+                model = state.models[name] = Model.from_config(
+                    ModelConfig.model_validate(doc["spec"])
+                )
+                model.spec = ModelConfig.model_validate(doc["spec"])
             if model is None:
                 continue
-            doc = json.loads(doc_json)
+            _replay_versions(model, doc)
             weights = doc["weights"]
             if set(weights) != set(model.versions) or sum(weights.values()) != 100:
                 logs.event(log, "store.weights_ignored", model=name, saved=json.dumps(weights))
@@ -112,6 +128,9 @@ class Store:
             if policy.mirror_to is None or policy.mirror_to in model.versions:
                 model.policy = policy
             logs.event(log, "store.model_restored", model=name, weights=json.dumps(weights))
+
+    def delete_model(self, name: str) -> None:
+        self._db.execute("DELETE FROM models WHERE name = ?", (name,))
 
     def rollouts(
         self, model: str | None = None, active: bool | None = None, limit: int = 200
@@ -131,3 +150,16 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _replay_versions(model: Model, doc: dict[str, Any]) -> None:
+    """Re-apply the versions added and removed at run time onto the configured ones."""
+    for name in doc.get("removed", []):
+        if name in model.versions and len(model.versions) > 1:
+            del model.versions[name]
+            model.removed.add(name)
+    for name, backend in doc.get("added", {}).items():
+        if name not in model.versions:
+            model.versions[name] = Version(name, 0, Backend.model_validate(backend), added=True)
+    if model.stable not in model.versions:
+        model.stable = max(model.versions.values(), key=lambda v: v.weight).name

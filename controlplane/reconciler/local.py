@@ -1,55 +1,167 @@
-"""The local runtime: model versions as processes on this machine.
+"""The local runtime: model versions as processes on this machine (see runtime.Runtime).
 
 `sim` and `vllm` backends are child processes on free ports (output in state_dir/logs/),
-restarted with exponential backoff when they die; `url` backends are used as given. An
-endpoint is sent to Envoy only once its `/health` answers 200, and leaves at once when its
-process dies.
+restarted with exponential backoff when they die and marked `error` after repeated failures;
+`url` backends are probed, never owned. An endpoint reaches Envoy only once its `/health`
+answers 200 (and it is not asleep), and leaves at once when it stops being ready.
+
+Each version has one supervising task that moves its backend towards a `desired` state:
+`active` (running, awake), `sleeping` (running, vLLM sleep mode: the GPU is free, waking
+takes seconds instead of a cold start) or `stopped` (no process at all).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
+import time
+from dataclasses import dataclass, field
 
 import aiohttp
 
-from controlplane import logs, processes
+from controlplane import logs, metrics, processes
 from controlplane.config import Backend
 from controlplane.controller import Controller
+from controlplane.errors import Conflict, Unavailable
 from controlplane.state import Endpoint
 
 log = logs.get("local")
 STARTUP_TIMEOUT_S = {"sim": 30.0, "vllm": 900.0}  # vLLM loads weights for minutes
 MAX_BACKOFF_S = 30.0
+ERROR_AFTER_FAILURES = 3  # consecutive failed starts before the version is `error`
+PROBE_INTERVAL_S = 1.0  # url backends
+POLL_S = 0.05
+
+
+@dataclass
+class LocalBackend:
+    """One version's backend as this runtime sees it."""
+
+    model: str
+    version: str
+    backend: Backend
+    desired: str = "active"  # active | sleeping | stopped
+    sleep_level: int = 1
+    url: str | None = None  # while a process (or the url backend) exists
+    process: asyncio.subprocess.Process | None = None
+    task: asyncio.Task | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    failures: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend.kind}-{self.model}@{self.version}".replace("/", "_")
 
 
 class LocalRuntime:
     def __init__(self, controller: Controller, host: str = "127.0.0.1") -> None:
         self.controller = controller
         self.host = host
-        self._tasks: list[asyncio.Task] = []
-        self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self.backends: dict[tuple[str, str], LocalBackend] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def adopt_url_backends(self) -> None:
         """`url` backends are used as given: in the very first snapshot, so an Envoy that
-        reconnects to a restarted control plane never sees them without endpoints."""
+        reconnects to a restarted control plane never sees them without endpoints. The
+        probe takes them out if they do not answer."""
         for model in self.controller.state.models.values():
             for version in model.versions.values():
                 if version.backend.url is not None:
                     version.endpoints, version.state = [Endpoint(version.backend.url)], "active"
 
+    # -- the Runtime interface --------------------------------------------------------------
+
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for model in self.controller.state.models.values():
             for version in model.versions.values():
-                self._tasks.append(
-                    asyncio.create_task(
-                        self._keep_running(model.name, version.name, version.backend),
-                        name=f"backend-{model.name}@{version.name}",
-                    )
-                )
+                await self.ensure(model.name, version.name, version.backend)
+
+    async def ensure(self, model: str, version: str, backend: Backend) -> None:
+        key = (model, version)
+        if key in self.backends:
+            return
+        record = self.backends[key] = LocalBackend(model, version, backend)
+        supervise = self._probe if backend.url is not None else self._supervise
+        record.task = asyncio.create_task(supervise(record), name=f"backend-{model}@{version}")
+
+    async def remove(self, model: str, version: str) -> None:
+        record = self.backends.pop((model, version), None)
+        if record is None:
+            return
+        if record.task is not None:
+            record.task.cancel()
+            await asyncio.gather(record.task, return_exceptions=True)
+        await self._stop_process(record)
+        logs.event(log, "backend.removed", model=model, version=version)
+
+    async def sleep(self, model: str, version: str, level: int) -> None:
+        record = self._record(model, version)
+        if record.desired == "sleeping" or record.url is None:
+            return
+        started = time.perf_counter()
+        # Out of EDS first: no request may reach an engine that is going to sleep.
+        self.controller.set_endpoints(model, version, [], "sleeping")
+        record.desired, record.sleep_level = "sleeping", level
+        try:
+            await self._post(record.url, f"/sleep?level={level}")
+        except Unavailable:
+            record.desired = "active"  # cannot sleep: keep serving rather than lose it
+            self.controller.set_endpoints(model, version, [Endpoint(record.url)], "active")
+            raise
+        metrics.backend_sleeps.labels(model, version).inc()
+        metrics.backend_sleep_seconds.labels(model).observe(time.perf_counter() - started)
+        logs.event(log, "backend.sleeping", model=model, version=version, level=level)
+
+    async def wake(self, model: str, version: str) -> float:
+        record = self._record(model, version)
+        if record.desired == "active" and self.controller.state.model(model).versions[
+            version
+        ].ready:
+            return 0.0
+        started = time.perf_counter()
+        was = record.desired
+        record.desired = "active"
+        if was == "sleeping" and record.url is not None:
+            self.controller.set_endpoints(model, version, [], "waking")
+            await self._post(record.url, "/wake_up")
+            if await self._wait_awake(record, self.controller.state.model(model).wake_timeout_s):
+                self.controller.set_endpoints(model, version, [Endpoint(record.url)], "active")
+        else:
+            record.changed.set()  # stopped: the supervisor starts a process
+        await self._wait_ready(model, version)
+        seconds = time.perf_counter() - started
+        metrics.backend_wakes.labels(model, version).inc()
+        metrics.backend_wake_seconds.labels(model).observe(seconds)
+        logs.event(log, "backend.awake", model=model, version=version, seconds=f"{seconds:.3f}")
+        return seconds
+
+    async def scale(self, model: str, version: str, replicas: int) -> None:
+        """Locally a version has one process or none."""
+        record = self._record(model, version)
+        if replicas > 0:
+            await self.wake(model, version)
+            return
+        if record.desired == "stopped":
+            return
+        self.controller.set_endpoints(model, version, [], "stopped")
+        record.desired = "stopped"
+        await self._stop_process(record)
+        record.changed.set()
+        metrics.backend_sleeps.labels(model, version).inc()
+        logs.event(log, "backend.stopped", model=model, version=version)
+
+    async def stop(self) -> None:
+        records = list(self.backends.values())
+        for record in records:
+            if record.task is not None:
+                record.task.cancel()
+        await asyncio.gather(*(r.task for r in records if r.task), return_exceptions=True)
+        await asyncio.gather(*(self._stop_process(record) for record in records))
+        if self._session is not None:
+            await self._session.close()
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once every version is active (or timeout)."""
@@ -61,74 +173,173 @@ class LocalRuntime:
             ]
             if all(version.ready for version in versions):
                 return True
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL_S)
         return False
 
-    async def _keep_running(self, model: str, version: str, backend: Backend) -> None:
-        if backend.url is not None:
-            return  # adopted before the first snapshot; probing it is the reconciler's job
-        name = f"{backend.kind}-{model}@{version}".replace("/", "_")
+    # -- supervision ------------------------------------------------------------------------
+
+    async def _supervise(self, record: LocalBackend) -> None:
+        """Keep a process running while desired; restart it with backoff when it dies."""
         backoff = 0.5
+        model, version, kind = record.model, record.version, record.backend.kind
         while True:
+            if record.desired == "stopped":
+                record.changed.clear()
+                await record.changed.wait()
+                continue
             port = processes.free_port(self.host)
             url = f"http://{self.host}:{port}"
+            self.controller.set_endpoints(model, version, [], "starting")
             try:
-                process = await processes.spawn(
-                    name, self._argv(model, version, backend, port), self.controller.state_dir
-                )
+                record.process = await processes.spawn(
+                    record.name, self._argv(record, port), self.controller.state_dir,
+                    env=self._env(record),
+                )  # fmt: skip
             except OSError as exc:
-                logs.event(log, "backend.spawn_failed", model=model, version=version, error=exc)
-                self.controller.set_endpoints(model, version, [], "error")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-                continue
-            self._processes[name] = process
-            if await self._wait_healthy(url, process, STARTUP_TIMEOUT_S[backend.kind]):
-                self.controller.set_endpoints(model, version, [Endpoint(url)], "active")
-                backoff = 0.5
-            code = await process.wait()
-            self.controller.set_endpoints(model, version, [], "error")
-            logs.event(log, "backend.exited", model=model, version=version, code=code)
+                logs.event(log, "backend.spawn_failed", logging.ERROR, model=model,
+                           version=version, error=exc)  # fmt: skip
+                record.process = None
+            if record.process is not None:
+                record.url = url
+                if await self._wait_healthy(url, record.process, STARTUP_TIMEOUT_S[kind]):
+                    record.failures, backoff = 0, 0.5
+                    await self._settle(record)
+                code = await record.process.wait()
+                record.process, record.url = None, None
+                if record.desired == "stopped":
+                    continue  # stopped on purpose
+                logs.event(log, "backend.exited", logging.WARNING, model=model,
+                           version=version, code=code)  # fmt: skip
+                metrics.backend_restarts.labels(model, version).inc()
+            record.failures += 1
+            state = "error" if record.failures >= ERROR_AFTER_FAILURES else "starting"
+            self.controller.set_endpoints(model, version, [], state)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    def _argv(self, model: str, version: str, backend: Backend, port: int) -> list[str]:
+    async def _settle(self, record: LocalBackend) -> None:
+        """A healthy process: serve, or go back to sleep if it was parked when it died."""
+        assert record.url is not None
+        if record.desired == "sleeping":
+            with contextlib.suppress(Unavailable):
+                await self._post(record.url, f"/sleep?level={record.sleep_level}")
+                self.controller.set_endpoints(record.model, record.version, [], "sleeping")
+                return
+        self.controller.set_endpoints(record.model, record.version, [Endpoint(record.url)],
+                                      "active")  # fmt: skip
+
+    async def _probe(self, record: LocalBackend) -> None:
+        """A `url` backend is not ours: watch its /health and route to it only while it is
+        healthy and awake."""
+        url = record.backend.url
+        assert url is not None
+        record.url = url
+        while True:
+            healthy = await self._healthy(url) and not await self._is_sleeping(url)
+            version = self.controller.state.model(record.model).versions.get(record.version)
+            if version is None:
+                return
+            if record.desired == "active" and healthy != version.ready:
+                endpoints = [Endpoint(url)] if healthy else []
+                self.controller.set_endpoints(record.model, record.version, endpoints,
+                                              "active" if healthy else "error")  # fmt: skip
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _record(self, model: str, version: str) -> LocalBackend:
+        try:
+            return self.backends[(model, version)]
+        except KeyError:
+            message = f"{model}@{version} is not run by this runtime"
+            raise Conflict(message, field="version") from None
+
+    async def _wait_ready(self, model: str, version: str) -> None:
+        timeout = self.controller.state.model(model).wake_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.controller.state.model(model).versions[version].ready:
+            if loop.time() > deadline:
+                raise Unavailable(f"{model}@{version} did not become ready in {timeout:g}s")
+            await asyncio.sleep(POLL_S)
+
+    async def _wait_awake(self, record: LocalBackend, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and record.url is not None:
+            if not await self._is_sleeping(record.url) and await self._healthy(record.url):
+                return True
+            await asyncio.sleep(POLL_S)
+        return False
+
+    async def _post(self, url: str, path: str) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.post(f"{url}{path}") as response:
+                if response.status >= 300:
+                    text = (await response.text())[:200]
+                    raise Unavailable(f"{url}{path} answered {response.status}: {text}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{url}{path} failed: {exc or type(exc).__name__}") from None
+
+    async def _healthy(self, url: str) -> bool:
+        assert self._session is not None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self._session.get(f"{url}/health") as response:
+                return response.status == 200
+        return False
+
+    async def _is_sleeping(self, url: str) -> bool:
+        """vLLM's /is_sleeping (dev mode only); a server without it never sleeps."""
+        assert self._session is not None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            async with self._session.get(f"{url}/is_sleeping") as response:
+                if response.status == 200:
+                    return bool((await response.json())["is_sleeping"])
+        return False
+
+    async def _wait_healthy(self, url: str, process, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and process.returncode is None:
+            if await self._healthy(url):
+                return True
+            await asyncio.sleep(POLL_S)
+        return False
+
+    async def _stop_process(self, record: LocalBackend) -> None:
+        process, record.process = record.process, None
+        if process is not None:
+            await processes.stop(record.name, process, self.controller.state_dir)
+
+    def _argv(self, record: LocalBackend, port: int) -> list[str]:
+        backend = record.backend
         if backend.sim is not None:
             sim = backend.sim
             return [
                 sys.executable, "-m", "controlplane", "sim",
-                "--host", self.host, "--port", str(port), "--model", model,
+                "--host", self.host, "--port", str(port), "--model", record.model,
                 "--ttft-ms", str(sim.ttft_ms), "--itl-ms", str(sim.itl_ms),
                 "--max-tokens-default", str(sim.max_tokens_default),
-                "--wake-ms", str(sim.wake_ms), "--version", version,
+                "--wake-ms", str(sim.wake_ms), "--version", record.version,
             ]  # fmt: skip
         assert backend.vllm is not None
-        return [
+        argv = [
             "vllm", "serve", backend.vllm.model, "--host", self.host, "--port", str(port),
-            "--served-model-name", model, *backend.vllm.args,
+            "--served-model-name", record.model, *backend.vllm.args,
         ]  # fmt: skip
+        if self._sleeps(record) and "--enable-sleep-mode" not in argv:
+            argv.append("--enable-sleep-mode")
+        return argv
 
-    async def _wait_healthy(self, url: str, process, timeout: float) -> bool:
-        assert self._session is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and process.returncode is None:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self._session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return True
-            await asyncio.sleep(0.05)
-        return False
+    def _env(self, record: LocalBackend) -> dict[str, str] | None:
+        """vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode."""
+        if record.backend.vllm is not None and self._sleeps(record):
+            return {"VLLM_SERVER_DEV_MODE": "1"}
+        return None
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(
-                processes.stop(name, process, self.controller.state_dir)
-                for name, process in self._processes.items()
-            )
+    def _sleeps(self, record: LocalBackend) -> bool:
+        model = self.controller.state.models.get(record.model)
+        return model is not None and (
+            model.park in ("sleep1", "sleep2") or model.idle_timeout_s is not None
         )
-        if self._session is not None:
-            await self._session.close()

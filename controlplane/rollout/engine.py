@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from controlplane import logs, metrics
 from controlplane.config import describe_validation_error
-from controlplane.controller import Controller, Traffic
-from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound
+from controlplane.controller import PARKED_STATES, Controller, Traffic
+from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, SwitchyardError
 from controlplane.rollout.analysis import Analysis, NoAnalysis, Verdict
 from controlplane.rollout.spec import RolloutSpec
 from controlplane.rollout.strategies import Pause, Plan, SetWeight, plan_for
@@ -39,6 +39,7 @@ TRANSITIONS: dict[str, dict[str, str]] = {
     "abort": {"progressing": "aborted", "paused": "aborted", "aborted": "aborted"},
 }
 WAIT_FOR_READY_S = 0.2
+WAKE_RETRY_S = 2.0
 HISTORY_LIMIT = 500
 
 AnalysisFactory = Callable[[dict[str, Any]], Analysis]
@@ -52,6 +53,7 @@ class RolloutEngine:
         self._tasks: dict[str, asyncio.Task] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._lock = asyncio.Lock()  # transitions one at a time, commands and steps alike
+        self._side_tasks: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,6 +176,7 @@ class RolloutEngine:
         """
         state = self.controller.state
         models = list(state.models.values()) if everything else [state.model(model_name or "")]
+        woken = await self._wake_targets(models, to)
         async with self._lock:
             targets: dict[str, str] = {}
             for model in models:
@@ -191,9 +194,10 @@ class RolloutEngine:
                 if model.active_rollout:
                     doc = self.rollouts[model.active_rollout]
                     await self._cancel_task(doc["id"])
-                    doc.update(
-                        phase="aborted", message=f"emergency rollback to {targets[model.name]}"
-                    )
+                    message = f"emergency rollback to {targets[model.name]}"
+                    if model.name in woken:
+                        message += f" (woken in {woken[model.name]:.2f}s)"
+                    doc.update(phase="aborted", message=message)
                     _record(doc, "aborted", doc["message"])
                     docs.append(doc)
             changes = {name: Traffic(_all_to(state.models[name], t)) for name, t in targets.items()}
@@ -207,8 +211,22 @@ class RolloutEngine:
                 self._close(doc, "aborted")
             for name, target in targets.items():
                 metrics.rollbacks.labels(name, "emergency").inc()
-                logs.event(log, "rollback.emergency", logging.WARNING, model=name, to=target)
+                logs.event(log, "rollback.emergency", logging.WARNING, model=name, to=target,
+                           woken_s=f"{woken[name]:.3f}" if name in woken else "-")  # fmt: skip
         return [state.models[name].to_json() for name in targets]
+
+    async def _wake_targets(self, models: list[Model], to: str | None) -> dict[str, float]:
+        """Wake the parked versions a rollback goes to, all at once; seconds per model."""
+        wanted = {}
+        for model in models:
+            target = to or self._known_good(model)
+            version = model.versions.get(target)
+            if version is not None and version.state in PARKED_STATES:
+                wanted[model.name] = target
+        seconds = await asyncio.gather(
+            *(self.controller.wake(name, target) for name, target in wanted.items())
+        )
+        return dict(zip(wanted, seconds, strict=True))
 
     # -- the task that walks a plan --------------------------------------------------------------
 
@@ -354,12 +372,44 @@ class RolloutEngine:
     async def _wait_for_candidate(self, doc) -> None:
         if await self._unready_too_long(doc):
             return
+        if self._model(doc).versions[doc["to"]].state in PARKED_STATES:
+            await self._wake_candidate(doc)
+            return
         message = f"waiting for {doc['to']} to have a ready endpoint"
         if doc["message"] != message:
             async with self._lock:
                 doc["message"] = message
                 self.controller.store.save(rollouts=[_touch(doc)])
         await self._sleep(doc["id"], WAIT_FOR_READY_S)
+
+    async def _wake_candidate(self, doc) -> None:
+        """A parked candidate is woken before it gets traffic; the time goes in the history."""
+        to = doc["to"]
+        async with self._lock:
+            doc["message"] = f"waking {to}"
+            _record(doc, "waking", doc["message"])
+            self.controller.store.save(rollouts=[doc])
+        self._emit("rollout.waking", doc)
+        try:
+            seconds = await self.controller.wake(doc["model"], to)
+        except SwitchyardError as exc:
+            async with self._lock:
+                doc["message"] = f"could not wake {to}: {exc.message}; retrying"
+                self.controller.store.save(rollouts=[_touch(doc)])
+            await self._sleep(doc["id"], WAKE_RETRY_S)
+            return
+        async with self._lock:
+            doc["message"] = f"{to} woke in {seconds:.2f}s"
+            doc["wake_seconds"] = round(seconds, 3)
+            _record(doc, "woken", doc["message"])
+            self.controller.store.save(rollouts=[doc])
+        self._emit("rollout.woken", doc)
+
+    def _background(self, coroutine) -> None:
+        """Work a transition starts but must not wait for (parking a version)."""
+        task = asyncio.create_task(coroutine)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     # -- transitions -----------------------------------------------------------------------------
 
@@ -390,6 +440,7 @@ class RolloutEngine:
         if phase == "succeeded":
             model.stable, model.last_good = doc["to"], doc["from"]
             self.controller.store.save(models=[model])
+            self._background(self.controller.park(model.name, doc["from"]))
         _record(doc, event, message)
         if event == "promoted":
             self._emit("rollout.promoted", doc)
