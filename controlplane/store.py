@@ -64,9 +64,9 @@ class Store:
                     "policy": model.policy.to_json(),
                     # Run-time changes over switchyard.yaml: a model added through the API
                     # (its spec), versions added (with backends) and configured ones removed.
-                    "spec": model.spec.model_dump(mode="json") if model.spec else None,
+                    "spec": _dump(model.spec) if model.spec else None,
                     "added": {
-                        v.name: v.backend.model_dump(mode="json", exclude_none=True)
+                        v.name: _dump(v.backend)
                         for v in model.versions.values()
                         if v.added
                     },
@@ -107,10 +107,9 @@ class Store:
             doc = json.loads(doc_json)
             model = state.models.get(name)
             if model is None and doc.get("spec"):
-                model = state.models[name] = Model.from_config(
-                    ModelConfig.model_validate(doc["spec"])
-                )
-                model.spec = ModelConfig.model_validate(doc["spec"])
+                spec = ModelConfig.model_validate(doc["spec"])
+                model = state.models[name] = Model.from_config(spec)
+                model.spec = spec
             if model is None:
                 continue
             _replay_versions(model, doc)
@@ -163,3 +162,7 @@ def _replay_versions(model: Model, doc: dict[str, Any]) -> None:
             model.versions[name] = Version(name, 0, Backend.model_validate(backend), added=True)
     if model.stable not in model.versions:
         model.stable = max(model.versions.values(), key=lambda v: v.weight).name
+
+
+def _dump(config) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_none=True)

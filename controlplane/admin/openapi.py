@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 from controlplane import __version__
+from controlplane.config import ModelConfig
 from controlplane.rollout.engine import PHASES, TRANSITIONS
 from controlplane.rollout.spec import REQUIRED_FIELDS, STRATEGIES, STRATEGY_FIELDS, RolloutSpec
 from controlplane.state import VERSION_STATES
@@ -187,12 +188,17 @@ ROLLOUT_FIELDS: Schema = {
     "pause_until": _nullable({"type": "number"}),
     "pause_left": _nullable({"type": "number"}),
     "failures": {"type": "integer", "minimum": 0, "description": "consecutive failing verdicts"},
+    "wake_seconds": {
+        "type": "number",
+        "description": "how long waking the parked candidate took, when it had to be woken",
+    },
     "unready_since": {
         **_nullable({"type": "number"}),
         "description": "since when the candidate, with traffic, has had no ready endpoint",
     },
 }
-OPTIONAL_ROLLOUT_FIELDS = {"unready_since"}  # absent from rollouts stored by older versions
+# absent from rollouts stored by older versions, or only there once something happened
+OPTIONAL_ROLLOUT_FIELDS = {"unready_since", "wake_seconds"}
 FIGURE = _nullable({"type": "number"})
 VERSION_HEALTH: Schema = {
     "type": "object",
@@ -342,6 +348,24 @@ MODEL_PARAM = {
     "schema": {"type": "string"},
     "example": MODEL_NAME_EXAMPLE,
 }
+SD_TARGETS: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["targets", "labels"],
+        "properties": {
+            "targets": {"type": "array", "items": {"type": "string"}},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+VERSION_PARAM = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "description": "a version of the model",
+    "schema": {"type": "string"},
+}
 ROLLOUT_ID_PARAM = {
     "name": "id",
     "in": "path",
@@ -434,9 +458,22 @@ def _rollout_schema(spec: Schema) -> Schema:
     }
 
 
+def _model_config_schemas() -> dict[str, Schema]:
+    """A model and a version as switchyard.yaml has them (what POST /v1/models takes)."""
+    schema = ModelConfig.model_json_schema(ref_template=REF)
+    defs = schema.pop("$defs", {})
+    defs["Backend"]["minProperties"] = defs["Backend"]["maxProperties"] = 1
+    new_version = copy.deepcopy(defs["VersionConfig"])
+    new_version["required"] = ["name", "backend"]
+    new_version["properties"]["weight"] = {"type": "integer", "const": 0, "default": 0}
+    new_version["description"] = "a version added at run time: it joins at weight 0"
+    return {"ModelConfig": schema, "NewVersion": new_version, **defs}
+
+
 def _build() -> dict:
     spec, spec_defs = _spec_schemas()
     schemas = {
+        **_model_config_schemas(),
         "Error": ERROR,
         "Version": VERSION,
         "TrafficPolicy": TRAFFIC_POLICY,
@@ -462,6 +499,45 @@ def _build() -> dict:
                 "tags": ["models"],
                 "summary": "All models with their versions, weights and readiness",
                 "responses": {"200": _json(_ref("ModelList"), "the models"), **_errors(401)},
+            },
+            "post": {
+                "operationId": "addModel",
+                "tags": ["models"],
+                "summary": "Add a model with its versions (as in switchyard.yaml); its backends "
+                "start, and it is routed once they are ready",
+                "requestBody": _body(_ref("ModelConfig")),
+                "responses": {
+                    "201": _json(_ref("Model"), "the new model"),
+                    **_errors(400, 401, 409, 413, 422),
+                },
+            },
+        },
+        "/v1/models/{model}/versions": {
+            "post": {
+                "operationId": "addVersion",
+                "tags": ["models"],
+                "summary": "Add a version at weight 0; its backend starts and becomes ready",
+                "parameters": [MODEL_PARAM],
+                "requestBody": _body(
+                    _ref("NewVersion"), {"sim": {"value": {"name": "v3", "backend": {"sim": {}}}}}
+                ),
+                "responses": {
+                    "201": _json(_ref("Version"), "the new version"),
+                    **_errors(400, 401, 404, 409, 413, 422),
+                },
+            }
+        },
+        "/v1/models/{model}/versions/{version}": {
+            "delete": {
+                "operationId": "removeVersion",
+                "tags": ["models"],
+                "summary": "Remove a version; refused (409) while it has weight or the model has "
+                "an active rollout",
+                "parameters": [MODEL_PARAM, VERSION_PARAM],
+                "responses": {
+                    "204": {"description": "removed: out of Envoy, its backend stopped"},
+                    **_errors(401, 404, 409, 502, 504),
+                },
             }
         },
         "/v1/models/{model}": {
@@ -621,6 +697,15 @@ def _build() -> dict:
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 },
+            }
+        },
+        "/sd/backends": {
+            "get": {
+                **OPEN,
+                "operationId": "serviceDiscovery",
+                "summary": "Prometheus HTTP service discovery: every ready backend endpoint, "
+                "labelled model and version",
+                "responses": {"200": _json(SD_TARGETS, "the target groups")},
             }
         },
         "/openapi.json": {

@@ -47,6 +47,7 @@ class Activator:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self._health)  # Envoy's active health check
+        app.router.add_get("/metrics", self._no_metrics)  # a scrape must not wake a version
         app.router.add_route("*", "/{path:.*}", self._hold)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -123,6 +124,9 @@ class Activator:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "activator"})
+
+    async def _no_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(status=404, text="a parked version has no metrics\n")
 
     async def _hold(self, request: web.Request) -> web.StreamResponse:
         port = request.transport.get_extra_info("sockname")[1] if request.transport else 0

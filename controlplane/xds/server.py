@@ -254,16 +254,20 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 await self._send_due(stream, context, self.snapshot)
 
     async def _send_due(self, stream: EnvoyStream, context, snapshot: Snapshot) -> None:
+        warming = False
         for type_url in TYPE_ORDER:
             ts = stream.types.get(type_url)
             if ts is None:
                 continue
+            if warming and type_url != ENDPOINT:
+                return  # listeners and routes wait for warm clusters: make before break
             if not ts.pending and self._due(ts, snapshot.versions[type_url]):
                 await self._send(stream, context, snapshot, type_url, ts)
                 if type_url == CLUSTER and ENDPOINT in stream.types:
                     stream.types[ENDPOINT].force = True
-            if ts.pending and type_url in WARMING_TYPES:
-                return  # later types wait for this ACK: make before break
+            # Endpoints are part of a cluster's warming: Envoy ACKs a new cluster only once
+            # its endpoints came, so EDS goes out while CDS waits for its ACK.
+            warming = warming or (ts.pending and type_url in WARMING_TYPES)
 
     @staticmethod
     def _due(ts: TypeState, version: str) -> bool:
