@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--itl-ms", type=float, default=0.0, help="inter-token latency")
     sim.add_argument("--max-tokens-default", type=int, default=16)
     sim.add_argument("--wake-ms", type=float, default=0.0, help="time /wake_up takes")
+    sim.add_argument("--startup-ms", type=float, default=0.0, help="time before the port opens")
     sim.add_argument("--version", dest="sim_version", default=None, help="label for x-sim-version")
 
     boot = command("bootstrap", cmd_bootstrap, "print the Envoy bootstrap YAML")
@@ -198,6 +199,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             max_tokens_default=args.max_tokens_default,
             version=args.sim_version,
             wake_ms=args.wake_ms,
+            startup_ms=args.startup_ms,
         ),
         args.host,
         args.port,

@@ -75,6 +75,7 @@ class SimBackend(Strict):
     itl_ms: float = Field(0.0, ge=0)
     max_tokens_default: int = Field(16, ge=1)
     wake_ms: float = Field(0.0, ge=0)
+    startup_ms: float = Field(0.0, ge=0)  # like vLLM loading weights before it listens
 
 
 class VllmBackend(Strict):

@@ -176,7 +176,7 @@ class Controller:
             except Exception:
                 del self.state.models[model.name]
                 raise
-            self.rebuild()
+            await self.xds.wait_applied(self.rebuild(), ACK_TIMEOUT_S)
         logs.event(log, "model.added", model=model.name, versions=",".join(model.versions))
         self.events.publish("model.added", model=model.name)
         for version in model.versions.values():
@@ -205,7 +205,7 @@ class Controller:
             except Exception:
                 del model.versions[version.name]
                 raise
-            self.rebuild()
+            await self.xds.wait_applied(self.rebuild(), ACK_TIMEOUT_S)
         logs.event(log, "version.added", model=model_name, version=version.name,
                    backend=version.backend.kind)  # fmt: skip
         self.events.publish("version.added", model=model_name, version=version.name)

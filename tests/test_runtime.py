@@ -8,6 +8,8 @@ openai SDK through Envoy.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -286,3 +288,52 @@ def _ok(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_a_slow_backend_gets_no_traffic_until_ready_and_a_killed_one_comes_back(stack):
+    client = client_for(stack)
+    status, body = stack.api("POST", "/v1/models/llama-3-8b/versions",
+                             {"name": "slow", "backend": {"sim": {"startup_ms": 1500}}})
+    assert status == 201, body
+    assert version_of(stack, "slow")["state"] == "starting"
+    pinned = _raw_pinned(stack, "slow")
+    assert pinned == 503  # routed nowhere while it loads: no endpoint in EDS
+    wait_until(lambda: version_of(stack, "slow")["ready"], timeout=15, message="slow is ready")
+    assert _raw_pinned(stack, "slow") == 200
+
+    endpoint = version_of(stack, "slow")["endpoints"][0]
+    pid = int(next((stack.state_dir / "pids").glob("sim-llama-3-8b@slow.pid")).read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: version_of(stack, "slow")["endpoints"] != [endpoint], timeout=5,
+               message="the killed backend leaves EDS")  # fmt: skip
+    wait_until(lambda: version_of(stack, "slow")["ready"], timeout=15, message="restarted")
+    assert version_of(stack, "slow")["endpoints"] != [endpoint]  # a new process, a new port
+    assert _raw_pinned(stack, "slow") == 200
+    assert served_by(client) in {"v2"}  # the model's own traffic never noticed
+    status, _ = stack.api("DELETE", "/v1/models/llama-3-8b/versions/slow")
+    assert status == 204
+
+
+def test_a_backend_that_cannot_start_ends_in_error(stack):
+    status, body = stack.api("POST", "/v1/models/llama-3-8b/versions", {
+        "name": "broken", "backend": {"vllm": {"model": "/no/such/model"}}})  # fmt: skip
+    assert status == 201, body
+    wait_until(lambda: version_of(stack, "broken")["state"] == "error", timeout=20,
+               message="repeated failed starts mark the version error")  # fmt: skip
+    assert not version_of(stack, "broken")["ready"]
+    status, _ = stack.api("DELETE", "/v1/models/llama-3-8b/versions/broken")
+    assert status == 204
+
+
+def _raw_pinned(stack, version: str) -> int:
+    request = urllib.request.Request(
+        f"{stack.proxy}/v1/chat/completions", method="POST",
+        data=json.dumps({"model": "llama-3-8b", "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"x-switchyard-version": version, "content-type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -321,7 +321,8 @@ class LocalRuntime:
                 "--host", self.host, "--port", str(port), "--model", record.model,
                 "--ttft-ms", str(sim.ttft_ms), "--itl-ms", str(sim.itl_ms),
                 "--max-tokens-default", str(sim.max_tokens_default),
-                "--wake-ms", str(sim.wake_ms), "--version", record.version,
+                "--wake-ms", str(sim.wake_ms), "--startup-ms", str(sim.startup_ms),
+                "--version", record.version,
             ]  # fmt: skip
         assert backend.vllm is not None
         argv = [

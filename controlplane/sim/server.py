@@ -59,6 +59,7 @@ class SimConfig:
     max_tokens_default: int = 16  # tokens generated when the request gives no max_tokens
     version: str | None = None  # when set, responses carry `x-sim-version: <version>`
     wake_ms: float = 0.0  # how long `/wake_up` takes
+    startup_ms: float = 0.0  # like vLLM loading weights: the port opens only after this
     max_model_len: int = 8192  # context window, reported by /v1/models and enforced like vLLM
     seed: int = 0  # seeds the error_rate fault's RNG so runs are repeatable
 
@@ -625,6 +626,7 @@ def run(config: SimConfig, host: str, port: int) -> None:
     """Blocking entry point for the CLI; SIGTERM and SIGINT stop it cleanly."""
     if not logging.getLogger(logs.LOGGER_NAME).handlers:
         logs.setup()
+    time.sleep(config.startup_ms / 1000.0)
     loop_factory = None
     try:
         import uvloop  # optional: a faster event loop when installed
