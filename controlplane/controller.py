@@ -77,6 +77,7 @@ class Controller:
         self._builder = SnapshotBuilder(self.proxy)
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates
         self.runtime: Runtime | None = None  # set by the Stack; runs the versions' backends
+        self._rebuild_pending = False
 
     def rebuild(self) -> Snapshot:
         """Build the snapshot of the current state and push it to every Envoy."""
@@ -90,6 +91,22 @@ class Controller:
                 metrics.version_weight.labels(model.name, version.name).set(version.weight)
                 metrics.backend_ready.labels(model.name, version.name).set(int(version.ready))
         return snapshot
+
+    def _rebuild_soon(self) -> None:
+        """One snapshot for all the endpoint changes of one event-loop turn (a start-up with
+        100 versions becoming ready at once builds a few snapshots, not 100)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.rebuild()
+            return
+        if not self._rebuild_pending:
+            self._rebuild_pending = True
+            loop.call_soon(self._rebuild_now)
+
+    def _rebuild_now(self) -> None:
+        self._rebuild_pending = False
+        self.rebuild()
 
     async def set_weights(self, model_name: str, weights: object) -> dict:
         """The admin API's weight change: refused while a rollout owns the model."""
@@ -170,6 +187,9 @@ class Controller:
                 raise Conflict(f"model {config.name!r} already exists", field="name")
             model = Model.from_config(config)
             model.spec = config
+            # Known from before a restart (a Kubernetes runtime registers its catalogue
+            # again): its saved traffic wins over the defaults of `config`.
+            self.store.restore_models(State({model.name: model}))
             self.state.models[model.name] = model
             try:
                 self.store.save([model])
@@ -309,7 +329,7 @@ class Controller:
         elif state == "active":
             version.activator = None  # ready again: traffic goes to it directly
         version.endpoints, version.state = endpoints, state
-        self.rebuild()
+        self._rebuild_soon()
         for name in VERSION_STATES:
             metrics.backend_state.labels(model_name, version_name, name).set(int(name == state))
         fields = dict(model=model_name, version=version_name, state=state)

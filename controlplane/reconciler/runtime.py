@@ -15,8 +15,6 @@ from typing import Protocol
 
 from controlplane.config import Backend
 
-SLEEP_LEVELS = {"sleep1": 1, "sleep2": 2}  # a model's `park` setting -> vLLM's /sleep?level=
-
 
 class Runtime(Protocol):
     async def start(self) -> None:
@@ -37,6 +35,9 @@ class Runtime(Protocol):
 
     async def scale(self, model: str, version: str, replicas: int) -> None:
         """Scale to `replicas` backends (0 = stopped, nothing held)."""
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once every version is ready (False after `timeout` seconds)."""
 
     async def stop(self) -> None:
         """Stop everything this runtime started (not `url` backends, which it never owned)."""

@@ -1,0 +1,187 @@
+"""manifests/ renders with kustomize and every object validates offline.
+
+Kubernetes objects against the Kubernetes schemas (kubernetes-validate, strict: no unknown
+fields), VLLMModels against the CRD's own openAPIV3Schema; the schema rejects bad specs.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from controlplane.config import parse_config
+from controlplane.proxy import render_bootstrap
+from controlplane.reconciler.vllm_args import container, parse_spec
+
+from .conftest import ROOT
+
+KUBERNETES_VERSION = "1.32"
+MANIFESTS = ROOT / "manifests"
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl not installed (scripts/install-system-deps.sh installs it)"
+)
+
+
+def render(path) -> list[dict]:
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict]:
+    return render(MANIFESTS)
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def crd_schema(docs: list[dict]) -> dict:
+    crd = one(docs, "CustomResourceDefinition", "vllmmodels.switchyard.io")
+    (version,) = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def check_vllmmodel(schema: dict, obj: dict) -> None:
+    jsonschema.Draft4Validator(schema).validate(obj)
+
+
+@needs_kubectl
+def test_every_rendered_object_validates_against_kubernetes_schemas(base):
+    kinds = {doc["kind"] for doc in base}
+    assert {"Namespace", "CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding",
+            "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"} <= kinds  # fmt: skip
+    for doc in base:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(part) for part in exc.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {where}: {exc.message}")
+        if doc["kind"] not in ("Namespace", "CustomResourceDefinition"):
+            assert doc["metadata"].get("namespace") == "switchyard", doc["metadata"]
+
+
+@needs_kubectl
+def test_images_are_pinned(base):
+    images = [
+        c["image"]
+        for doc in base
+        if doc["kind"] == "Deployment"
+        for c in doc["spec"]["template"]["spec"]["containers"]
+    ]
+    assert "envoyproxy/envoy:v1.40.0" in images
+    for image in images:
+        assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{image} is not pinned to a version"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base_image = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base_image), base_image
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+
+
+@needs_kubectl
+def test_envoy_bootstrap_is_the_one_switchyard_renders(base):
+    """The bootstrap ConfigMap is `switchyard bootstrap` for the controller's config."""
+    config_map = one(base, "ConfigMap", "switchyard-config")
+    config = parse_config(yaml.safe_load(config_map["data"]["switchyard.yaml"]))
+    assert config.runtime == "kubernetes"
+    assert config.listen.admin.startswith("0.0.0.0:") and config.listen.xds.startswith("0.0.0.0:")
+    service = one(base, "Service", "switchyard")
+    ports = {port["name"]: port["port"] for port in service["spec"]["ports"]}
+    assert f"0.0.0.0:{ports['xds']}" == config.listen.xds
+    assert f"0.0.0.0:{ports['admin']}" == config.listen.admin
+    expected = render_bootstrap(config, "envoy", "switchyard.switchyard.svc.cluster.local")
+    bootstrap = one(base, "ConfigMap", "envoy-bootstrap")["data"]["bootstrap.yaml"]
+    assert yaml.safe_load(bootstrap) == yaml.safe_load(expected)
+    envoy = one(base, "Deployment", "switchyard-envoy")["spec"]["template"]["spec"]
+    args = envoy["containers"][0]["args"]
+    assert args[args.index("--service-node") + 1] == "$(POD_NAME)"
+
+
+@needs_kubectl
+def test_controller_is_exposed_with_a_token_and_probes(base):
+    pod = one(base, "Deployment", "switchyard-controller")["spec"]["template"]["spec"]
+    (controller,) = pod["containers"]
+    env = {item["name"]: item for item in controller["env"]}
+    assert env["SWITCHYARD_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "switchyard-admin"
+    assert controller["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert controller["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["serviceAccountName"] == "switchyard-controller"
+    role = one(base, "Role", "switchyard-controller")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("coordination.k8s.io", "leases", "update") in granted
+    assert ("discovery.k8s.io", "endpointslices", "watch") in granted
+    assert not any("*" in item for item in granted), "no wildcards in RBAC"
+    assert not [doc for doc in base if doc["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+@needs_kubectl
+def test_examples_validate_against_the_crd_and_map_to_vllm_serve(base):
+    schema = crd_schema(base)
+    examples = render(MANIFESTS / "examples")
+    assert {(d["spec"]["model"], d["spec"]["version"]) for d in examples} == {
+        ("llama-3-8b", "v1"),
+        ("llama-3-8b", "v2"),
+    }
+    for doc in examples:
+        check_vllmmodel(schema, doc)
+        serving = container(parse_spec(doc["spec"]), "switchyard:0.1.0")
+        assert serving["command"] == ["vllm", "serve"]
+        assert serving["resources"]["limits"]["nvidia.com/gpu"] == str(doc["spec"]["gpuCount"])
+
+
+@needs_kubectl
+def test_simulator_overlay_runs_simulator_pods_without_gpus(base):
+    schema = crd_schema(base)
+    overlay = render(MANIFESTS / "overlays" / "simulator")
+    assert len(overlay) == 2
+    for doc in overlay:
+        check_vllmmodel(schema, doc)
+        serving = container(parse_spec(doc["spec"]), "switchyard:0.1.0")
+        assert serving["image"] == "switchyard:0.1.0"
+        assert serving["command"] == ["python", "-m", "controlplane"]
+        assert serving["args"][0] == "sim"
+        assert "nvidia.com/gpu" not in serving["resources"].get("limits", {})
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        (lambda spec: spec.update(gpuMemoryUtilization=1.5), "1.5"),
+        (lambda spec: spec.update(replicas=-1), "-1"),
+        (lambda spec: spec.pop("model"), "'model' is a required property"),
+        (lambda spec: spec.update(version="v 2"), "does not match"),
+        (lambda spec: spec.update(dtype="fp7"), "fp7"),
+        (lambda spec: spec.update(extraArgs="--x"), "'--x' is not of type 'array'"),
+    ],
+    ids=["gpuMemoryUtilization-1.5", "replicas--1", "missing-model", "version", "dtype", "args"],
+)
+def test_the_crd_rejects_invalid_specs(base, change, complaint):
+    schema = crd_schema(base)
+    example = render(MANIFESTS / "examples")[0]
+    check_vllmmodel(schema, example)
+    bad = copy.deepcopy(example)
+    change(bad["spec"])
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(complaint)):
+        check_vllmmodel(schema, bad)
