@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, Invalid
 
 DEFAULT_CONFIG = "switchyard.yaml"
 VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -255,6 +255,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     return parse_config(data, str(path))
+
+
+def validate_body(schema: type[BaseModel], body: Any) -> Any:
+    """An API request body as `schema`; Invalid (422) naming the field, as in the config."""
+    if not isinstance(body, dict):
+        raise Invalid("the request body must be a JSON object")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc, body)
+        field, sep, _ = message.partition(": ")
+        raise Invalid(message, field=field if sep and " " not in field else None) from None
 
 
 def describe_validation_error(exc: ValidationError, data: Any) -> str:

@@ -16,12 +16,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from controlplane import logs, metrics
 from controlplane.admin import console, targets
 from controlplane.admin.openapi import openapi_document
-from controlplane.config import ModelConfig, VersionConfig, describe_validation_error
+from controlplane.config import ModelConfig, VersionConfig, validate_body
 from controlplane.controller import Controller
 from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthorized
 from controlplane.rollout.engine import TRANSITIONS, RolloutEngine
@@ -169,7 +168,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def add_model(request: web.Request) -> web.Response:
     """A new model, shaped as in switchyard.yaml; 201 once its routes are in the snapshot."""
-    config = validated(ModelConfig, await json_body(request, allowed=None))
+    config = validate_body(ModelConfig, await json_body(request, allowed=None))
     model = await request.app[CONTROLLER].add_model(config)
     return web.json_response(model.to_json(), status=201)
 
@@ -180,7 +179,7 @@ async def add_version(request: web.Request) -> web.Response:
     model_name = request.match_info["model"]
     controller.state.model(model_name)  # 404 first
     body = await json_body(request, allowed={"name", "backend", "weight"})
-    config = validated(VersionConfig, {"weight": 0, **body})
+    config = validate_body(VersionConfig, {"weight": 0, **body})
     version = await controller.add_version(model_name, config)
     return web.json_response(version.to_json(), status=201)
 
@@ -189,16 +188,6 @@ async def remove_version(request: web.Request) -> web.Response:
     info = request.match_info
     await request.app[CONTROLLER].remove_version(info["model"], info["version"])
     return web.Response(status=204)
-
-
-def validated(schema, body: dict):
-    """`body` as a config object; Invalid naming the field (as `versions[v2].backend`)."""
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        message = describe_validation_error(exc, body)
-        field, sep, _ = message.partition(": ")
-        raise Invalid(message, field=field if sep and " " not in field else None) from None
 
 
 async def put_weights(request: web.Request) -> web.Response:

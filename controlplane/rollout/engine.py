@@ -17,10 +17,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
-
 from controlplane import logs, metrics
-from controlplane.config import describe_validation_error
+from controlplane.config import validate_body
 from controlplane.controller import PARKED_STATES, Controller, Traffic
 from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, SwitchyardError
 from controlplane.rollout.analysis import Analysis, NoAnalysis, Verdict
@@ -518,12 +516,7 @@ def parse_spec(body: Any) -> RolloutSpec:
     """Validate a spec from the API; Invalid names the field at fault."""
     if not isinstance(body, dict):
         raise Invalid("the rollout spec must be a JSON object")
-    try:
-        return RolloutSpec.model_validate(body)
-    except ValidationError as exc:
-        message = describe_validation_error(exc, body)
-        field, sep, _ = message.partition(": ")
-        raise Invalid(message, field=field if sep and " " not in field else None) from None
+    return validate_body(RolloutSpec, body)
 
 
 def spec_of(doc: dict[str, Any]) -> RolloutSpec:
