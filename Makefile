@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint bench clean protos system-deps
+.PHONY: up observe test lint bench clean protos system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 up: $(STAMP)
+	$(BIN)/switchyard up --config switchyard.yaml
+
+# `make up` with Prometheus beside it (http://127.0.0.1:9090, prometheus.yml: everything scraped
+# each second, data in .switchyard/prometheus). Ctrl-C stops both. docs/observability.md.
+observe: $(STAMP)
+	@command -v prometheus >/dev/null || { echo "observe: prometheus is not installed;" \
+	    "run 'make system-deps' (Debian package prometheus)" >&2; exit 1; }
+	@mkdir -p .switchyard/prometheus
+	@prometheus --config.file=prometheus.yml --storage.tsdb.path=.switchyard/prometheus \
+	    --storage.tsdb.retention.time=2d --web.listen-address=127.0.0.1:9090 \
+	    --log.level=warn & prom=$$!; \
+	trap 'kill $$prom 2>/dev/null; wait $$prom' EXIT; trap 'exit 130' INT TERM; \
+	echo "Prometheus: http://127.0.0.1:9090 (pid $$prom)"; \
 	$(BIN)/switchyard up --config switchyard.yaml
 
 test: $(STAMP) system-deps
@@ -32,6 +45,11 @@ system-deps:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The benchmark suite, short runs (~6 min; docs/benchmarks.md). The documented runs:
+# `make bench BENCH_ARGS=--full`; one benchmark: `make bench BENCH_ARGS="--only fanout"`.
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .switchyard

@@ -20,7 +20,6 @@ from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, Swit
 from controlplane.events import EventBus
 from controlplane.health.signals import HealthSignals
 from controlplane.state import (
-    VERSION_STATES,
     Endpoint,
     Model,
     State,
@@ -86,10 +85,7 @@ class Controller:
         metrics.snapshot_build.observe(time.perf_counter() - started)
         self.snapshot = snapshot
         self.xds.publish(snapshot)
-        for model in self.state.models.values():
-            for version in model.versions.values():
-                metrics.version_weight.labels(model.name, version.name).set(version.weight)
-                metrics.backend_ready.labels(model.name, version.name).set(int(version.ready))
+        metrics.observe_models(self.state.models.values())
         return snapshot
 
     def _rebuild_soon(self) -> None:
@@ -330,8 +326,6 @@ class Controller:
             version.activator = None  # ready again: traffic goes to it directly
         version.endpoints, version.state = endpoints, state
         self._rebuild_soon()
-        for name in VERSION_STATES:
-            metrics.backend_state.labels(model_name, version_name, name).set(int(name == state))
         fields = dict(model=model_name, version=version_name, state=state)
         if version.ready != was_ready:
             kind = "backend.ready" if version.ready else "backend.unready"

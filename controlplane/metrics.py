@@ -1,10 +1,21 @@
-"""The controller's Prometheus metrics, all prefixed `switchyard_`, with bounded labels."""
+"""The controller's Prometheus metrics, all prefixed `switchyard_`, with bounded labels.
+
+Every label value comes from a closed set (the tuples below) or from the configured models and
+versions. Counters are created at 0 for every value they can take (`observe_models` for the
+per-model ones), so the first rollback or rollout is an increase Prometheus can see rather than
+a series appearing at 1. docs/metrics.md lists them all.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The controller's own CPU, memory and file descriptors: switchyard_process_*.
+ProcessCollector(namespace="switchyard", registry=REGISTRY)
 FAST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 version_weight = Gauge(
@@ -155,3 +166,59 @@ rollout_step = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+
+
+# The closed label sets (they mirror state.VERSION_STATES, xds SHORT_NAMES, the rollout spec's
+# strategies and the engine's phases and rollback reasons).
+VERSION_STATES = ("starting", "active", "sleeping", "waking", "error", "stopped")
+XDS_TYPES = ("cds", "eds", "lds", "rds")
+STRATEGIES = ("immediate", "gradual", "canary", "ab", "blue_green", "mirror")
+OUTCOMES = ("succeeded", "aborted", "rolled_back")
+VERDICTS = ("pass", "fail", "inconclusive")
+ROLLBACK_REASONS = (
+    "emergency", "unready", "analysis", "error_rate", "latency_p95_ms", "ttft_p95_ms",
+    "itl_p95_ms", "stalled",
+)  # fmt: skip
+
+for _type in XDS_TYPES:
+    for _family in (xds_pushes, xds_acks, xds_nacks, xds_ack_latency):
+        _family.labels(_type)
+
+_seen_versions: set[tuple[str, str]] = set()
+
+
+def observe_models(models: Iterable[Any]) -> None:
+    """Bring the per-model series in line with the state (called on every snapshot rebuild).
+
+    Sets each version's weight, readiness and state; creates the per-model counters at 0; drops
+    the series of versions that no longer exist, so a removed version leaves no stale weight.
+    """
+    current: set[tuple[str, str]] = set()
+    for model in models:
+        for version in model.versions.values():
+            key = (model.name, version.name)
+            current.add(key)
+            version_weight.labels(*key).set(version.weight)
+            backend_ready.labels(*key).set(int(version.ready))
+            for state in VERSION_STATES:
+                backend_state.labels(*key, state).set(int(version.state == state))
+        _init_model_counters(model.name)
+    for key in _seen_versions - current:
+        for gauge in (version_weight, backend_ready):
+            gauge.remove(*key)
+        for state in VERSION_STATES:
+            backend_state.remove(*key, state)
+    _seen_versions.clear()
+    _seen_versions.update(current)
+
+
+def _init_model_counters(model: str) -> None:
+    weight_changes.labels(model)
+    for strategy in STRATEGIES:
+        rollouts_started.labels(model, strategy)
+    for outcome in OUTCOMES:
+        rollouts_finished.labels(model, outcome)
+    for reason in ROLLBACK_REASONS:
+        rollbacks.labels(model, reason)
+    for result in VERDICTS:
+        analysis_verdicts.labels(model, result)

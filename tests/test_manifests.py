@@ -105,8 +105,17 @@ def test_envoy_bootstrap_is_the_one_switchyard_renders(base):
     assert f"0.0.0.0:{ports['xds']}" == config.listen.xds
     assert f"0.0.0.0:{ports['admin']}" == config.listen.admin
     expected = render_bootstrap(config, "envoy", "switchyard.switchyard.svc.cluster.local")
-    bootstrap = one(base, "ConfigMap", "envoy-bootstrap")["data"]["bootstrap.yaml"]
-    assert yaml.safe_load(bootstrap) == yaml.safe_load(expected)
+    bootstrap = yaml.safe_load(one(base, "ConfigMap", "envoy-bootstrap")["data"]["bootstrap.yaml"])
+    # Beyond what `switchyard bootstrap` renders: a listener on the pod IP that serves only
+    # /stats/prometheus from the admin interface, which itself stays on loopback.
+    static = bootstrap["static_resources"]
+    (stats,) = static.pop("listeners")
+    routes = stats["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    (route,) = routes["virtual_hosts"][0]["routes"]
+    assert route == {"match": {"path": "/stats/prometheus"}, "route": {"cluster": "envoy_admin"}}
+    static["clusters"] = [c for c in static["clusters"] if c["name"] != "envoy_admin"]
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert bootstrap == yaml.safe_load(expected)
     envoy = one(base, "Deployment", "switchyard-envoy")["spec"]["template"]["spec"]
     args = envoy["containers"][0]["args"]
     assert args[args.index("--service-node") + 1] == "$(POD_NAME)"
