@@ -43,3 +43,11 @@ class EventBus:
 
     def unsubscribe(self, queue: asyncio.Queue[Event | None]) -> None:
         self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        """End every subscriber's stream (shutdown): each gets its end marker."""
+        for queue in list(self._subscribers):
+            self._subscribers.discard(queue)
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)

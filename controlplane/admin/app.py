@@ -61,7 +61,14 @@ def make_app(
     app.router.add_get("/openapi.json", openapi)
     console.add_routes(app)
     targets.add_routes(app)
+    app.on_shutdown.append(_end_event_streams)
     return app
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    """Open SSE streams (the console, curl) would otherwise hold shutdown until their next
+    event."""
+    app[CONTROLLER].events.close()
 
 
 # -- middlewares ---------------------------------------------------------------------------
