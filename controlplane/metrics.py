@@ -68,6 +68,12 @@ backend_restarts = Counter(
     ["model", "version"],
     registry=REGISTRY,
 )
+version_degraded = Gauge(
+    "switchyard_version_degraded",
+    "1 while a serving version is outside its model's alert thresholds",
+    ["model", "version"],
+    registry=REGISTRY,
+)
 scale_events = Counter(
     "switchyard_scale_events_total",
     "Scale-to-zero events: direction is `down` (idle, parked) or `up` (woken by a request)",

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from controlplane.admin.app import make_app
 from controlplane.config import Config, split_hostport
 from controlplane.controller import Controller
 from controlplane.errors import ConfigError
+from controlplane.health.alerts import HealthAlerts
 from controlplane.health.analysis import HealthAnalysis
 from controlplane.health.envoy_stats import EnvoyStatsReceiver
 from controlplane.health.vllm_metrics import VllmScraper
@@ -30,6 +32,7 @@ from controlplane.notify import Notifier
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.activator import Activator
 from controlplane.reconciler.local import LocalRuntime
+from controlplane.reconciler.runtime import Runtime
 from controlplane.rollout.engine import RolloutEngine
 from controlplane.xds.snapshot import ROUTE
 
@@ -68,8 +71,10 @@ class Stack:
     node_id: str | None = None
     controller: Controller = field(init=False)
     engine: RolloutEngine | None = field(init=False, default=None)
-    runtime: LocalRuntime | None = field(init=False, default=None)
+    kube_api: object | None = None  # runtime: kubernetes: the API client (run() makes it)
+    runtime: Runtime | None = field(init=False, default=None)
     activator: Activator | None = field(init=False, default=None)
+    alerts: HealthAlerts | None = field(init=False, default=None)
     notifier: Notifier | None = field(init=False, default=None)
     scraper: VllmScraper | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
@@ -85,6 +90,13 @@ class Stack:
         if self.config.runtime == "local":
             self.runtime = LocalRuntime(self.controller)
             self.runtime.adopt_url_backends()
+            self.controller.runtime = self.runtime
+        elif self.config.runtime == "kubernetes":
+            from controlplane.reconciler.kubernetes import KubernetesRuntime, default_namespace
+
+            self.runtime = KubernetesRuntime(
+                self.controller, namespace=default_namespace(), api_client=self.kube_api
+            )  # simulator pods use $SWITCHYARD_SIM_IMAGE
             self.controller.runtime = self.runtime
         host, port = split_hostport(self.config.listen.xds)
         try:
@@ -106,6 +118,9 @@ class Stack:
         logs.event(log, "admin.listening", address=self.config.listen.admin)
         if self.runtime is not None:
             await self.runtime.start()
+        if self.config.runtime == "kubernetes" and self.runtime is not None:
+            await self.runtime.wait_synced(30)  # resumed rollouts must find their models
+        elif self.runtime is not None:
             self.activator = Activator(self.controller)
             await self.activator.start()
         self.scraper = VllmScraper(self.controller.state, self.controller.health)
@@ -116,6 +131,8 @@ class Stack:
         self.notifier = Notifier(self.controller.events, self.config.notifications.webhooks)
         self.notifier.start()
         await self.engine.start()
+        self.alerts = HealthAlerts(self.controller)  # health.degraded, rollout or not
+        self.alerts.start()
 
     async def wait_ready(self) -> bool:
         backends = self.runtime is None or await self.runtime.wait_ready(BACKEND_READY_TIMEOUT_S)
@@ -150,6 +167,8 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop what start() got to, in reverse order (it may have failed halfway)."""
+        if self.alerts is not None:
+            await self.alerts.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self.scraper is not None:
@@ -187,18 +206,68 @@ def _busy(key: str, address: str, exc: OSError) -> ConfigError:
 
 
 async def run(config: Config, with_envoy: bool) -> None:
-    """Run until SIGINT/SIGTERM, then stop everything."""
+    """Run until SIGINT/SIGTERM, then stop everything.
+
+    On Kubernetes only the holder of the Lease acts: a standby answers /healthz (alive) and
+    /readyz (503) until it leads, and a leader that loses the Lease exits (Kubernetes restarts
+    it as a standby) rather than act beside the new leader.
+    """
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    stack = Stack(config, with_envoy, admin_token())
+    elector, api = None, None
+    if config.runtime == "kubernetes":
+        elector, api = await _campaign(config, stopping)
+        if stopping.is_set():
+            if elector is not None:
+                await elector.stop()
+            return
+    stack = Stack(config, with_envoy, admin_token(), kube_api=api)
+    lost = False
     try:
         await stack.start()
         ready = await stack.wait_ready()
         print(stack.banner() + ("" if ready else "  (some backends are not ready yet)"), flush=True)
-        await stopping.wait()
+        await _first(stopping, elector.lost if elector is not None else None)
+        lost = elector is not None and elector.lost.is_set() and not stopping.is_set()
         logs.event(log, "stopping")
     finally:
         if hasattr(stack, "controller"):
             await stack.stop()
+        if elector is not None:
+            await elector.stop(release=True)
+    if lost:
+        logs.event(log, "leader.lost_exiting", logging.ERROR)
+        sys.exit(1)
+
+
+async def _campaign(config: Config, stopping: asyncio.Event):
+    """Wait for the Lease (or a stop), serving standby probes meanwhile."""
+    from kubernetes.config import ConfigException
+
+    from controlplane.reconciler.kubernetes import default_namespace, load_api_client
+    from controlplane.reconciler.leader import LeaderElector, serve_standby
+
+    try:
+        api = load_api_client()  # in-cluster service account, else $KUBECONFIG / ~/.kube/config
+    except ConfigException as exc:
+        raise ConfigError(f"runtime: kubernetes: no cluster credentials: {exc}") from None
+    elector = LeaderElector(api, default_namespace())  # identity: $SWITCHYARD_POD_NAME
+    elector.start()
+    standby = await serve_standby(*split_hostport(config.listen.admin))
+    try:
+        await _first(stopping, elector.leading)
+    finally:
+        await standby.cleanup()
+    return elector, api
+
+
+async def _first(*events: asyncio.Event | None) -> None:
+    """Wait until one of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events if event is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
 import pytest
 
-from controlplane.health.analysis import HealthAnalysis, judge, window_for
+from controlplane.health.analysis import MIN_GAP_S, HealthAnalysis, judge, stalled, window_for
 from controlplane.health.signals import Delta, Figures, HealthSignals, Histogram
 
 MODEL = "llama-3-8b"
@@ -320,3 +321,157 @@ async def test_evaluate_is_inconclusive_without_candidate_traffic() -> None:
     verdict = await HealthAnalysis(signals, window_seconds=10).evaluate(rollout(max_error_rate=0.5))
     assert verdict.result == "pass", verdict.reason
     assert verdict.figures["window_seconds"] == 10
+
+
+# -- stalls: a hung candidate answers nothing ----------------------------------------------------
+
+
+def flushes(signals: HealthSignals, version: str, now: float, rows, source: str = "envoy"):
+    """Envoy flushes: (seconds before now, completed requests, requests in flight)."""
+    for ago, requests, in_flight in rows:
+        delta = Delta(time=now - ago, requests=requests, in_flight=in_flight, source=source)
+        signals.add(MODEL, version, delta)
+
+
+@pytest.mark.parametrize(
+    ("rows", "stuck"),
+    [
+        ([(2, 20, 0), (1, 15, 3), (0, 0, 27)], 1.0),  # hang: one flush with nothing done
+        ([(3, 20, 1), (2, 0, 9), (1, 0, 30), (0, 0, 55)], 3.0),  # in flight at the last answer
+        ([(2, 0, 2), (1, 0, 10), (0, 0, 30)], 2.0),  # in flight from the first flush on
+        ([(1, 0, 3), (0, 5, 8)], None),  # still completing
+        ([(2, 10, 1), (1, 0, 1), (0, 0, 1)], None),  # one long generation
+        ([(2, 10, 2), (1, 0, 2), (0, 0, 2)], 2.0),  # two: closed-loop clients all stuck
+        ([(1, 12, 0)], None),  # nothing in flight
+        ([(4, 20, 1), (3, 0, 30)], None),  # no flush for 3 s: says nothing about now
+    ],
+    ids=[
+        "hang",
+        "longer-hang",
+        "from-the-start",
+        "completing",
+        "long-request",
+        "two-stuck",
+        "idle",
+        "stale",
+    ],
+)
+def test_stuck_seconds_from_envoy_flushes(rows, stuck) -> None:
+    signals = HealthSignals()
+    flushes(signals, "v2", 1000.0, rows)
+    signals.add(MODEL, "v2", Delta(time=999.5, running=40.0, source="http://sim"))  # a scrape
+    assert signals.window(MODEL, "v2", 3.0, now=1000.0).stuck_seconds == stuck
+
+
+def test_stuck_seconds_across_envoys_and_since() -> None:
+    signals = HealthSignals()
+    now = 1000.0
+    flushes(signals, "v2", now, [(2, 5, 2), (1, 0, 6), (0.2, 0, 9)], source="a")
+    flushes(signals, "v2", now, [(1.8, 4, 1), (0.8, 0, 4)], source="b")
+    # a's flush 2 s ago came before b's last answers: from then on, a is stuck 0.8 s, b 1 s
+    assert signals.window(MODEL, "v2", 3.0, now=now).stuck_seconds == pytest.approx(1.0)
+    # Never reaching back before `since` (the rollout's start).
+    since = now - 1.5
+    assert signals.window(MODEL, "v2", 3.0, now=now, since=since).stuck_seconds == pytest.approx(
+        0.8
+    )
+    # A completion on any Envoy means the version still answers.
+    flushes(signals, "v2", now, [(0.1, 1, 0)], source="b")
+    assert signals.window(MODEL, "v2", 3.0, now=now).stuck_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("stuck", "stable", "stall"),
+    [
+        (1.0, figures(latency_p99_ms=40.0), "stalled 27 requests in flight, none completed in"
+         " 1s (stable p99 40 ms)"),
+        (0.3, figures(latency_p99_ms=40.0), None),  # less than one flush interval
+        (1.0, figures(latency_p99_ms=2000.0), None),  # slow generations: silence is normal
+        (10.0, figures(latency_p99_ms=2000.0), "stalled 27 requests in flight, none completed"
+         " in 10s (stable p99 2000 ms)"),  # ... for a while
+        (None, figures(latency_p99_ms=40.0), None),  # not stuck
+        (5.0, None, None),  # nothing to compare with
+        (5.0, figures(requests=0.0, latency_p99_ms=None), None),
+    ],
+    ids=["hang", "too-short", "slow-stable", "slow-stable-long-hang", "not-stuck", "no-stable",
+         "idle-stable"],
+)  # fmt: skip
+def test_stall_rule(stuck, stable, stall) -> None:
+    candidate = figures(requests=3.0, in_flight=27.0, stuck_seconds=stuck)
+    assert stalled(candidate, stable) == stall
+    verdict = judge(candidate, stable, {"min_requests": 20, "max_error_rate": 0.05})
+    assert (verdict.result, verdict.reason) == (
+        ("fail", stall) if stall else ("inconclusive", "3 requests < min_requests 20")
+    )
+
+
+def hung(signals: HealthSignals, stable_latency_ms: float, candidate_rows) -> None:
+    """The stable answers steadily in `stable_latency_ms`; the candidate as `candidate_rows`."""
+    now = time.time()
+    bounds = (50.0, 100.0, 1000.0, 2500.0, 5000.0)
+    bucket = next(i for i, bound in enumerate(bounds) if stable_latency_ms <= bound)
+    for ago in (2.0, 1.0, 0.0):
+        counts = [0.0] * (len(bounds) + 1)
+        counts[bucket] = 20.0
+        latency = Histogram(bounds, counts)
+        delta = Delta(time=now - ago, requests=20, latency_ms=latency, in_flight=1, source="e")
+        signals.add(MODEL, "v1", delta)
+    flushes(signals, "v2", now, candidate_rows, source="e")
+
+
+HANG = [(2, 5, 0), (1, 5, 3), (0, 0, 27)]  # answers until a second ago, then nothing
+
+
+@pytest.mark.parametrize(
+    ("stable_latency_ms", "candidate_rows", "stuck", "result", "reason"),
+    [
+        (40, HANG, 1.0, "fail", "stalled 27 requests in flight, none completed in 1s"),
+        (2000, HANG, 1.0, "inconclusive", "10 requests < min_requests 20"),
+        (40, [(1, 2, 0), (0, 1, 0)], None, "inconclusive", "3 requests < min_requests 20"),
+    ],
+    ids=["fast-stable-hung-candidate", "slow-generations", "low-traffic-nothing-in-flight"],
+)
+async def test_evaluate_calls_a_hang_after_one_flush_only_when_safe(
+    stable_latency_ms, candidate_rows, stuck, result: str, reason: str
+) -> None:
+    signals = HealthSignals()
+    hung(signals, stable_latency_ms, candidate_rows)
+    doc = {**rollout(max_error_rate=0.05), "created_at": time.time() - 60}
+    verdict = await HealthAnalysis(signals).evaluate(doc)
+    assert verdict.result == result and verdict.reason.startswith(reason), verdict.reason
+    assert verdict.figures["candidate"]["stuck_seconds"] == stuck
+
+
+# -- verdicts follow the data -------------------------------------------------------------------
+
+
+async def test_wait_for_update_wakes_on_the_models_next_report() -> None:
+    signals = HealthSignals()
+    assert await signals.wait_for_update(MODEL, 0.01) is False
+    seen = signals.generation(MODEL)
+    waiter = asyncio.create_task(signals.wait_for_update(MODEL, 5))
+    await asyncio.sleep(0.01)
+    signals.add("other-model", "v1", Delta())
+    assert not waiter.done()  # another model's news does not wake it
+    signals.add(MODEL, "v1", Delta())
+    assert await asyncio.wait_for(waiter, 1) is True
+    # News since a generation seen earlier: no waiting at all.
+    assert await signals.wait_for_update(MODEL, None, after=seen) is True
+    assert await signals.wait_for_update(MODEL, 0.01, after=signals.generation(MODEL)) is False
+    assert signals._waiters == {}  # nothing left behind
+
+
+async def test_wait_for_data_keeps_verdicts_apart_and_bounded() -> None:
+    signals = HealthSignals()
+    analysis = HealthAnalysis(signals)
+    doc = {**rollout(max_error_rate=0.05), "created_at": time.time() - 60}
+    loop = asyncio.get_running_loop()
+    await analysis.evaluate(doc)
+    judged = loop.time()
+    signals.add(MODEL, "v2", Delta())  # news right after a verdict ...
+    assert await analysis.wait_for_data(doc, 5) is True
+    assert loop.time() - judged >= MIN_GAP_S * 0.9  # ... waits for the gap
+    await analysis.evaluate(doc)
+    started = loop.time()
+    assert await analysis.wait_for_data(doc, 0.3) is False  # no news: the interval bounds it
+    assert 0.25 <= loop.time() - started < 1.0

@@ -6,6 +6,8 @@
 
 Rules, in order:
 
+- a stalled candidate (`stalled`: requests stuck in flight for a flush interval and five
+  stable p99 latencies) fails, whatever its request count;
 - fewer candidate requests than `min_requests`: `inconclusive` (the rollout holds; it never
   advances, nor rolls back, on too little data);
 - every configured absolute threshold (`max_error_rate`, `max_latency_p95_ms`,
@@ -26,10 +28,16 @@ p95) crosses its threshold as soon as the faulty requests are a `threshold / fau
 share of the window (0.1 of it for a 50 % error rate against `max_error_rate` 0.05), so a
 hard fault fails the first verdict that sees one flush of it; only a marginal fault, barely
 above its threshold, takes up to the whole window to show.
+
+When: the engine asks for a verdict as soon as new signals for the model arrive
+(`HealthAnalysis.wait_for_data`), at most every MIN_GAP_S and at least every
+`interval_seconds`. Envoy flushes every second, so a fault is judged on the first flush that
+holds enough of it instead of waiting up to one more interval for a timer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -39,6 +47,7 @@ from controlplane.rollout.spec import AnalysisSpec
 
 MIN_WINDOW_S = 3.0
 WINDOW_INTERVALS = 3
+MIN_GAP_S = 0.1  # at most ten verdicts a second, however often data arrives
 
 # threshold -> the candidate figure it bounds
 ABSOLUTE = {
@@ -53,35 +62,57 @@ CHECKS = (*ABSOLUTE, *RATIOS, *DIFFERENCES)
 DEFAULT_MIN_REQUESTS = AnalysisSpec.model_fields["min_requests"].default
 
 
-def _num(value: float) -> str:
+def short(value: float) -> str:
     """Short and readable: 0.42, 812, 2.5, 0.0012."""
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.4g}"
 
 
-STALL_FACTOR = 5  # the window must hold this many stable p99 latencies to call a stall
-STALL_MIN_S = 2.5  # and at least two of Envoy's 1 s stats flushes
+STALL_FACTOR = 5  # the stall must last this many stable p99 latencies
+# and at least this long. Spans run from one flush of an Envoy to a later one, so they are
+# whole flush intervals already (1 s, `stats_flush_interval`); this floor, under half a
+# second, also lets a 0.5 s interval halve the time to see a hang.
+STALL_MIN_S = 0.45
 
 
 def stalled(candidate: Figures, stable: Figures | None) -> str | None:
     """A hung candidate answers nothing, so it never reaches `min_requests`: catch it here.
 
-    Stalled = requests are in flight on the candidate, none completed in the window, while
-    the stable version completes requests well within it (its p99 latency times STALL_FACTOR
-    fits in the window). Long generations (p99 near or above the window) never count as a
-    stall: there, silence is normal.
+    Stalled = the candidate is stuck (`Figures.stuck_seconds`: requests in flight, none
+    completed) for at least one Envoy stats flush interval and for STALL_FACTOR times
+    the stable's p99 latency. With fast backends that is the first whole flush interval
+    after the hang; slow generations (stable p99 near a second or more) need proportionally
+    longer, so silence that is normal for them is never called a stall.
     """
+    stuck = candidate.stuck_seconds
+    if stuck is None or stuck < STALL_MIN_S:
+        return None
     if stable is None or not stable.requests or stable.latency_p99_ms is None:
         return None
-    if candidate.requests or not candidate.in_flight or candidate.window_seconds < STALL_MIN_S:
-        return None
-    if stable.latency_p99_ms * STALL_FACTOR > candidate.window_seconds * 1000:
+    if stable.latency_p99_ms * STALL_FACTOR > stuck * 1000:
         return None
     return (
-        f"stalled {_num(candidate.in_flight)} requests in flight, none completed in "
-        f"{_num(candidate.window_seconds)}s (stable p99 {_num(stable.latency_p99_ms)} ms)"
+        f"stalled {short(candidate.in_flight or 0)} requests in flight, none completed in "
+        f"{short(stuck)}s (stable p99 {short(stable.latency_p99_ms)} ms)"
     )
+
+
+def absolute_checks(figures: Figures, thresholds: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Every absolute threshold set in `thresholds`, checked on one version's figures:
+    (breaches, missing figures). Shared by rollout verdicts and the health alerts."""
+    breaches: list[str] = []
+    missing: list[str] = []
+    for key, name in ABSOLUTE.items():
+        limit = thresholds.get(key)
+        if limit is None:
+            continue
+        value = getattr(figures, name)
+        if value is None:
+            missing.append(f"no {name} data for {key} {short(limit)}")
+        elif value > limit:
+            breaches.append(f"{name} {short(value)} > {key} {short(limit)}")
+    return breaches, missing
 
 
 def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]) -> Verdict:
@@ -100,22 +131,11 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
     if stall:
         return Verdict("fail", stall, figures)
     if candidate.requests < min_requests:
-        reason = f"{_num(candidate.requests)} requests < min_requests {min_requests}"
+        reason = f"{short(candidate.requests)} requests < min_requests {min_requests}"
         return Verdict("inconclusive", reason, figures)
 
-    breaches: list[str] = []
-    missing: list[str] = []
+    breaches, missing = absolute_checks(candidate, used)
     skipped: list[str] = []
-    for key, name in ABSOLUTE.items():
-        limit = used.get(key)
-        if limit is None:
-            continue
-        value = getattr(candidate, name)
-        if value is None:
-            missing.append(f"no {name} data for {key} {_num(limit)}")
-        elif value > limit:
-            breaches.append(f"{name} {_num(value)} > {key} {_num(limit)}")
-
     relative = [(key, name, True) for key, name in RATIOS.items()]
     relative += [(key, name, False) for key, name in DIFFERENCES.items()]
     for key, name, ratio in relative:
@@ -125,28 +145,28 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
         value = getattr(candidate, name)
         base = getattr(stable, name) if stable is not None else None
         if stable is None or stable.requests < min_requests:
-            count = _num(stable.requests) if stable is not None else "0"
+            count = short(stable.requests) if stable is not None else "0"
             skipped.append(f"{key}: stable has {count} requests < min_requests {min_requests}")
             continue
         if base is None or (ratio and base <= 0):
             skipped.append(f"{key}: stable has no {name} data")
             continue
         if value is None:
-            missing.append(f"no {name} data for {key} {_num(limit)}")
+            missing.append(f"no {name} data for {key} {short(limit)}")
             continue
         if ratio:
             measured = value / base
             if measured > limit:
                 breaches.append(
-                    f"{name} ratio {_num(measured)} ({_num(value)} vs stable {_num(base)})"
-                    f" > {key} {_num(limit)}"
+                    f"{name} ratio {short(measured)} ({short(value)} vs stable {short(base)})"
+                    f" > {key} {short(limit)}"
                 )
         else:
             measured = value - base
             if measured > limit:
                 breaches.append(
-                    f"{name} delta {_num(measured)} ({_num(value)} vs stable {_num(base)})"
-                    f" > {key} {_num(limit)}"
+                    f"{name} delta {short(measured)} ({short(value)} vs stable {short(base)})"
+                    f" > {key} {short(limit)}"
                 )
     if skipped:
         figures["skipped"] = skipped
@@ -155,7 +175,7 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
     if missing:
         return Verdict("inconclusive", "; ".join(missing), figures)
     checked = len([key for key in used if key != "min_requests"]) - len(skipped)
-    reason = f"{checked} checks passed over {_num(candidate.requests)} requests"
+    reason = f"{checked} checks passed over {short(candidate.requests)} requests"
     if skipped:
         reason += f" ({len(skipped)} skipped)"
     return Verdict("pass", reason, figures)
@@ -172,18 +192,38 @@ class HealthAnalysis:
     def __init__(self, signals: HealthSignals, window_seconds: float | None = None) -> None:
         self.signals = signals
         self.window_seconds = window_seconds
+        self._seen: int | None = None  # the model's signal generation at the last verdict
+        self._judged_at = float("-inf")  # event loop time of the last verdict
 
     async def evaluate(self, rollout: dict[str, Any]) -> Verdict:
         thresholds = rollout.get("analysis") or {}
         interval = thresholds.get("interval_seconds") or 1.0
+        model = rollout["model"]
+        self._seen = self.signals.generation(model)
+        self._judged_at = asyncio.get_running_loop().time()
         now = time.time()
         # Never judge a rollout on what its versions did before it started.
         started = rollout.get("created_at") or 0.0
         window = min(self.window_seconds or window_for(interval), max(0.0, now - started))
-        model = rollout["model"]
-        candidate = self.signals.window(model, rollout["to"], window, now)
+        candidate = self.signals.window(model, rollout["to"], window, now, since=started)
         source = rollout.get("from")
         stable = self.signals.window(model, source, window, now) if source else None
         verdict = judge(candidate, stable, thresholds)
         figures = {**verdict.figures, "window_seconds": window}
         return Verdict(verdict.result, verdict.reason, figures)
+
+    async def wait_for_data(self, rollout: dict[str, Any], timeout: float | None) -> bool:
+        """Until the model has news since the last verdict (True), or `timeout` (False).
+
+        The engine races this against its own wake-up so that a verdict follows each Envoy
+        flush (and vLLM scrape) at once; verdicts stay at least MIN_GAP_S apart.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        fresh = await self.signals.wait_for_update(rollout["model"], timeout, after=self._seen)
+        ready_at = self._judged_at + MIN_GAP_S
+        if deadline is not None:
+            ready_at = min(ready_at, deadline)
+        if ready_at > loop.time():
+            await asyncio.sleep(ready_at - loop.time())
+        return fresh

@@ -3,17 +3,31 @@
 Sources push deltas here: Envoy's stats (request, error, retry counts and the upstream
 latency histogram of cluster `<model>@<version>`, summed over every Envoy) and vLLM's
 `/metrics` (time to first token, inter-token latency, queue depth). The analysis asks for a
-window's `Figures`. Nothing here does I/O.
+window's `Figures`, and may wait for the next report of a model (`wait_for_update`), so
+that verdicts follow the data instead of a timer. Nothing here does I/O; every method runs on
+the event loop (the sources push from it).
+
+A hung version answers nothing, so its window has no requests to judge: `stuck_seconds`
+measures the hang from Envoy's flushes instead. Per Envoy (`source`): from the first flush
+after the version's last completion (on any Envoy) that shows requests in flight, to that
+Envoy's latest flush, which must still show at least STUCK_MIN_IN_FLIGHT of them. So
+requests sat unanswered for at least that long. One flush interval (1 s) is the shortest
+stall there is to see; a lone long generation is never called stuck (it takes two). Envoys
+silent for FRESH_S say nothing about now.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 RETENTION_S = 600.0  # the longest window anyone may ask for
+FRESH_S = 2.0  # an Envoy whose last flush is older than this (2 flushes) tells nothing of now
+STUCK_MIN_IN_FLIGHT = 2  # one request alone may be a long generation
 
 
 @dataclass
@@ -97,6 +111,9 @@ class Figures:
     running: float | None
     waiting: float | None
     in_flight: float | None = None
+    # how long requests have sat in flight with none completing (module doc), as of the
+    # window's end and not limited to the window
+    stuck_seconds: float | None = None
 
     def to_json(self) -> dict:
         return {key: _round(value) for key, value in self.__dict__.items()}
@@ -111,6 +128,8 @@ class HealthSignals:
 
     def __init__(self) -> None:
         self._deltas: dict[tuple[str, str], deque[Delta]] = {}
+        self._generations: dict[str, int] = {}  # per model: how many reports so far
+        self._waiters: dict[str, set[asyncio.Future]] = {}
 
     def add(self, model: str, version: str, delta: Delta) -> None:
         series = self._deltas.setdefault((model, version), deque())
@@ -118,6 +137,38 @@ class HealthSignals:
         horizon = delta.time - RETENTION_S
         while series and series[0].time < horizon:
             series.popleft()
+        self._generations[model] = self._generations.get(model, 0) + 1
+        for waiter in self._waiters.pop(model, ()):
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def generation(self, model: str) -> int:
+        """A number that grows with every report about `model` (0 before the first)."""
+        return self._generations.get(model, 0)
+
+    async def wait_for_update(
+        self, model: str, timeout: float | None, after: int | None = None
+    ) -> bool:
+        """Until the next report about `model` (True) or `timeout` seconds (False).
+
+        With `after` (a `generation` seen earlier), returns True at once when reports came
+        since. A flush of one Envoy reports every version in one go, so a waiter wakes once
+        per flush, after all of them.
+        """
+        if after is not None and self.generation(model) > after:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(model, set()).add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(waiter, timeout)
+            return False
+        finally:
+            waiters = self._waiters.get(model)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[model]
 
     def add_cluster(self, cluster: str, delta: Delta) -> None:
         """Envoy names clusters `<model>@<version>`; other clusters are not ours."""
@@ -125,10 +176,20 @@ class HealthSignals:
         if sep:
             self.add(model, version, delta)
 
-    def window(self, model: str, version: str, seconds: float, now: float | None = None) -> Figures:
+    def window(
+        self,
+        model: str,
+        version: str,
+        seconds: float,
+        now: float | None = None,
+        since: float | None = None,
+    ) -> Figures:
+        """Figures over (now - seconds, now]; `stuck_seconds` looks back to `since` (default:
+        all that is kept)."""
         now = time.time() if now is None else now
         start = now - seconds
-        deltas = [d for d in self._deltas.get((model, version), ()) if start < d.time <= now]
+        series = self._deltas.get((model, version), ())
+        deltas = [d for d in series if start < d.time <= now]
         requests = sum(d.requests for d in deltas)
         errors = sum(d.errors for d in deltas)
         latency = _merge(d.latency_ms for d in deltas)
@@ -148,10 +209,31 @@ class HealthSignals:
             running=_last_gauges(deltas, "running"),
             waiting=_last_gauges(deltas, "waiting"),
             in_flight=_last_gauges(deltas, "in_flight"),
+            stuck_seconds=stuck_seconds(series, now, now - RETENTION_S if since is None else since),
         )
 
     def forget(self, model: str, version: str) -> None:
         self._deltas.pop((model, version), None)
+
+
+def stuck_seconds(deltas, now: float, since: float) -> float | None:
+    """How long one version has been stuck, from its deltas (see the module doc); None when
+    it is not: a completion in the latest flush, or fewer than two requests in flight."""
+    envoy = [d for d in deltas if d.in_flight is not None and since < d.time <= now]
+    last_completion = max((d.time for d in envoy if d.requests), default=since)
+    flushes: dict[str, list[Delta]] = {}
+    for delta in envoy:
+        if delta.time >= last_completion:
+            flushes.setdefault(delta.source, []).append(delta)
+    longest = None
+    for series in flushes.values():
+        first = next((d for d in series if d.in_flight), None)
+        last = series[-1]
+        if first is None or last.time < now - FRESH_S or last.requests:
+            continue
+        if last.in_flight >= STUCK_MIN_IN_FLIGHT and last.time > first.time:
+            longest = max(longest or 0.0, last.time - first.time)
+    return longest
 
 
 def _merge(histograms) -> Histogram | None:

@@ -255,7 +255,7 @@ class RolloutEngine:
             if doc["phase"] == "paused":
                 if analysis and await self._judge(doc, analysis) == "rolled_back":
                     return
-                await self._sleep(doc["id"], interval)
+                await self._sleep(doc["id"], interval, analysis, doc)
                 continue
             if not self._candidate_ready(doc):
                 await self._wait_for_candidate(doc)
@@ -303,7 +303,7 @@ class RolloutEngine:
             left = doc["pause_until"] - time.time()
             if left <= 0:
                 return True
-            await self._sleep(doc["id"], min(left, interval) if interval else left)
+            await self._sleep(doc["id"], min(left, interval) if interval else left, analysis, doc)
             judging = analysis is not None and doc["phase"] == "progressing"
             if judging and await self._judge(doc, analysis) == "rolled_back":
                 return False
@@ -317,7 +317,7 @@ class RolloutEngine:
                 return True
             if result == "rolled_back":
                 return False
-            await self._sleep(doc["id"], interval)
+            await self._sleep(doc["id"], interval, analysis, doc)
         return False
 
     async def _judge(self, doc, analysis: Analysis) -> str:
@@ -491,13 +491,24 @@ class RolloutEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _sleep(self, rollout_id: str, seconds: float | None) -> None:
-        """Sleep, but wake at once on a command for this rollout."""
+    async def _sleep(
+        self, rollout_id: str, seconds: float | None, analysis: Analysis | None = None,
+        doc: dict[str, Any] | None = None,
+    ) -> None:
+        """Sleep, but wake at once on a command for this rollout, or (given an analysis that
+        can tell) when new health data for its model arrives: verdicts follow the data."""
         wake = self._wake.get(rollout_id)
         if wake is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), seconds)
+        waiters = [asyncio.ensure_future(wake.wait())]
+        data = getattr(analysis, "wait_for_data", None)
+        if data is not None:
+            waiters.append(asyncio.ensure_future(data(doc, seconds)))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
         wake.clear()
 
     def _wake_task(self, rollout_id: str) -> None:
