@@ -114,6 +114,9 @@ class Controller:
                 field="model",
             )
         checked = check_weights(model, weights)
+        # A parked version that gets traffic back is woken first: no request may meet it asleep.
+        parked = [v for v, w in checked.items() if w and model.versions[v].state in PARKED_STATES]
+        await asyncio.gather(*(self.wake(model_name, version) for version in parked))
         await self.apply_traffic({model_name: Traffic(checked, model.policy)})
         return model.to_json()
 

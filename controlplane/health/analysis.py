@@ -98,6 +98,18 @@ def stalled(candidate: Figures, stable: Figures | None) -> str | None:
     )
 
 
+def no_healthy_host(candidate: Figures) -> str | None:
+    """Envoy took every candidate host out (health checks, outlier detection, or none left)
+    while requests still came for it: stable answered them (failover), so its request
+    figures look fine. Judged failing."""
+    if candidate.healthy_hosts is None or candidate.healthy_hosts > 0 or not candidate.requests:
+        return None
+    return (
+        f"unhealthy: no candidate host passes Envoy's health checks and outlier detection; "
+        f"stable served its {short(candidate.requests)} requests"
+    )
+
+
 def absolute_checks(figures: Figures, thresholds: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Every absolute threshold set in `thresholds`, checked on one version's figures:
     (breaches, missing figures). Shared by rollout verdicts and the health alerts."""
@@ -130,6 +142,9 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
     stall = stalled(candidate, stable)
     if stall:
         return Verdict("fail", stall, figures)
+    unhealthy = no_healthy_host(candidate)
+    if unhealthy and candidate.requests < min_requests:
+        return Verdict("fail", unhealthy, figures)
     if candidate.requests < min_requests:
         reason = f"{short(candidate.requests)} requests < min_requests {min_requests}"
         return Verdict("inconclusive", reason, figures)
@@ -170,6 +185,8 @@ def judge(candidate: Figures, stable: Figures | None, thresholds: dict[str, Any]
                 )
     if skipped:
         figures["skipped"] = skipped
+    if unhealthy:
+        breaches.append(unhealthy)
     if breaches:
         return Verdict("fail", "; ".join(breaches), figures)
     if missing:

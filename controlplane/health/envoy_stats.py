@@ -79,7 +79,10 @@ PROTOCOL_ERRORS = "upstream_cx_protocol_error"
 REMOTE_CLOSES = "upstream_cx_destroy_remote_with_active_rq"
 LATENCY = "upstream_rq_time"
 ACTIVE = "upstream_rq_active"  # a gauge: how a hung backend shows (nothing completes)
-WANTED = frozenset({RESPONSES, RETRIES, PROTOCOL_ERRORS, REMOTE_CLOSES, LATENCY, ACTIVE})
+# A gauge: the version's hosts Envoy would send traffic to (health checks and outlier
+# detection passed). 0 while the version gets requests = stable answered them (failover).
+HEALTHY = "membership_healthy"
+WANTED = frozenset({RESPONSES, RETRIES, PROTOCOL_ERRORS, REMOTE_CLOSES, LATENCY, ACTIVE, HEALTHY})
 # Envoy's sub-scopes of a cluster that repeat some of its stats (`cluster.X.external.
 # upstream_rq_xx`...): with a dotted cluster name they show in the family name, and are skipped.
 SUB_SCOPES = frozenset({"external", "internal", "canary", "retry"})
@@ -97,6 +100,7 @@ class Tally:
     remote_closes: float = 0.0
     latency_ms: Histogram | None = None
     in_flight: float = 0.0
+    healthy_hosts: float | None = None
 
     def to_delta(self, now: float, source: str) -> Delta | None:
         """None when nothing happened: idle clusters cost nothing downstream."""
@@ -111,6 +115,7 @@ class Tally:
             retries=self.retries,
             latency_ms=self.latency_ms,
             in_flight=self.in_flight,
+            healthy_hosts=self.healthy_hosts,
             source=source,
         )
 
@@ -152,6 +157,8 @@ def read_flush(families: Iterable) -> dict[str, Tally]:
                 _add_histogram(tally, metric.histogram)
             elif stat == ACTIVE:
                 tally.in_flight += metric.gauge.value
+            elif stat == HEALTHY:
+                tally.healthy_hosts = (tally.healthy_hosts or 0.0) + metric.gauge.value
             elif stat == RETRIES:
                 tally.retries += metric.counter.value
             elif stat == PROTOCOL_ERRORS:

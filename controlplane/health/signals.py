@@ -90,6 +90,7 @@ class Delta:
     running: float | None = None  # gauges: the last value in the window counts
     waiting: float | None = None
     in_flight: float | None = None  # Envoy's upstream_rq_active: requests sent, not answered
+    healthy_hosts: float | None = None  # Envoy's membership_healthy: hosts it sends traffic to
     source: str = ""  # which Envoy or endpoint, so gauges are summed across sources
 
 
@@ -114,6 +115,7 @@ class Figures:
     # how long requests have sat in flight with none completing (module doc), as of the
     # window's end and not limited to the window
     stuck_seconds: float | None = None
+    healthy_hosts: float | None = None
 
     def to_json(self) -> dict:
         return {key: _round(value) for key, value in self.__dict__.items()}
@@ -192,15 +194,18 @@ class HealthSignals:
         deltas = [d for d in series if start < d.time <= now]
         requests = sum(d.requests for d in deltas)
         errors = sum(d.errors for d in deltas)
+        retries = sum(d.retries for d in deltas)
         latency = _merge(d.latency_ms for d in deltas)
         ttft, itl = _merge(d.ttft_s for d in deltas), _merge(d.itl_s for d in deltas)
         return Figures(
             window_seconds=seconds,
             requests=requests,
             errors=errors,
-            retries=sum(d.retries for d in deltas),
+            retries=retries,
             requests_per_second=requests / seconds if seconds > 0 else 0.0,
-            error_rate=errors / requests if requests else None,
+            # Failed attempts over attempts: every retry follows a failed attempt, so a
+            # version whose failures Envoy retried elsewhere still shows them.
+            error_rate=(errors + retries) / (requests + retries) if requests else None,
             latency_p50_ms=latency.quantile(0.50) if latency else None,
             latency_p95_ms=latency.quantile(0.95) if latency else None,
             latency_p99_ms=latency.quantile(0.99) if latency else None,
@@ -209,6 +214,7 @@ class HealthSignals:
             running=_last_gauges(deltas, "running"),
             waiting=_last_gauges(deltas, "waiting"),
             in_flight=_last_gauges(deltas, "in_flight"),
+            healthy_hosts=_last_gauges(deltas, "healthy_hosts"),
             stuck_seconds=stuck_seconds(series, now, now - RETENTION_S if since is None else since),
         )
 

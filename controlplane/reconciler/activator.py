@@ -77,7 +77,7 @@ class Activator:
                     continue
                 for version in list(model.versions.values()):
                     key = (model.name, version.name)
-                    if not version.ready:
+                    if not version.ready or version.backend.url is not None:  # not ours
                         self._last_busy.pop(key, None)
                         continue
                     figures = self.controller.health.window(model.name, version.name, BUSY_WINDOW_S)

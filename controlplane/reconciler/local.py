@@ -99,8 +99,8 @@ class LocalRuntime:
 
     async def sleep(self, model: str, version: str, level: int) -> None:
         record = self._record(model, version)
-        if record.desired == "sleeping" or record.url is None:
-            return
+        if record.desired == "sleeping" or record.url is None or record.backend.url is not None:
+            return  # asleep already, no process, or a url backend: not ours to put to sleep
         started = time.perf_counter()
         # Out of EDS first: no request may reach an engine that is going to sleep.
         self.controller.set_endpoints(model, version, [], "sleeping")
@@ -144,7 +144,7 @@ class LocalRuntime:
         if replicas > 0:
             await self.wake(model, version)
             return
-        if record.desired == "stopped":
+        if record.desired == "stopped" or record.backend.url is not None:
             return
         self.controller.set_endpoints(model, version, [], "stopped")
         record.desired = "stopped"

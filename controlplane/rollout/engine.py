@@ -544,7 +544,9 @@ def _reason_label(verdict: Verdict) -> str:
     return figure if figure in REASON_FIGURES else "analysis"
 
 
-REASON_FIGURES = {"error_rate", "latency_p95_ms", "ttft_p95_ms", "itl_p95_ms", "stalled"}
+REASON_FIGURES = {
+    "error_rate", "latency_p95_ms", "ttft_p95_ms", "itl_p95_ms", "stalled", "unhealthy"
+}
 
 
 def _split(model: Model, source: str, candidate: str, weight: int) -> dict[str, int]:

@@ -1,10 +1,15 @@
 """The desired state turned into Envoy's xDS resources (protobuf messages).
 
-One cluster per model version (`<model>@<version>`, endpoints by EDS), one listener whose
-`json_to_metadata` filter lifts the body's `model` into dynamic metadata, and one route
-configuration that matches it: pinned versions first, then the weighted split, then the
-OpenAI-style errors. Built with message constructors (no dict parsing) because this runs
-on every change.
+Two clusters per model version: `<model>@<version>/hosts` holds the version's backends (EDS,
+resource name `<model>@<version>`), actively health-checked with outlier detection; and
+`<model>@<version>`, an aggregate cluster that the weighted split names: the version's hosts
+first, then the stable version's hosts, so Envoy sends a dead canary's share to stable by
+itself. Both report their stats as `<model>@<version>` (`alt_stat_name`), which is what the
+health analysis reads. One listener whose `json_to_metadata` filter lifts the body's `model`
+into dynamic metadata, and one route configuration that matches it: pinned versions first
+(straight to the hosts, no failover), then the weighted split, then the OpenAI-style errors.
+Built with message constructors (no dict parsing) because this runs on every change.
+See docs/health.md, "Envoy-side protection".
 """
 
 from __future__ import annotations
@@ -14,25 +19,31 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    health_check_pb2,
     substitution_format_string_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2 as previous_priorities_pb2,
+)
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from controlplane.config import RetryPolicy
 from controlplane.state import Model, State
 
 LISTENER_NAME = "switchyard"
@@ -45,10 +56,43 @@ INVALID_BODY = "__invalid__"  # json_to_metadata's marker: body is not JSON
 STREAM_IDLE_TIMEOUT_S = 300
 # json_to_metadata buffers the request body; long prompts and images exceed Envoy's 1 MiB.
 BODY_BUFFER_LIMIT = 32 * 1024 * 1024
+# Active health checks (vLLM's GET /health): a backend is out after two failed checks, within
+# 2 s when its port refuses, about 3.5 s when it hangs (two 1 s timeouts, 1 s apart); one
+# good answer brings it back. Also while the version has no traffic (Envoy's default there is
+# 60 s), so a canary is known before its first request.
+HEALTH_PATH = "/health"
+HEALTH_INTERVAL_S = 1
+HEALTH_TIMEOUT_S = 1
+UNHEALTHY_THRESHOLD = 2
+HEALTHY_THRESHOLD = 1
+# Outlier detection, from live traffic: 2 gateway failures in a row (refused or reset
+# connection, 502/503/504) or 5 answers 5xx in a row eject the host for 2 s times the number
+# of its ejections (at most 30 s); a passing health check lets it back at once.
+CONSECUTIVE_GATEWAY_FAILURES = 2
+CONSECUTIVE_5XX = 5
+BASE_EJECTION_S = 2
+MAX_EJECTION_S = 30
+# What a retry may follow whatever the model's policy: the request never reached vLLM, so
+# nothing was generated and nothing is generated twice.
+NEVER_SENT = "connect-failure,refused-stream,reset-before-request"
+AGGREGATE = "envoy.clusters.aggregate"
 
 
 def cluster_name(model: str, version: str) -> str:
+    """The version's cluster as routes and stats know it (the aggregate; the EDS name)."""
     return f"{model}@{version}"
+
+
+def hosts_cluster_name(model: str, version: str) -> str:
+    """The cluster of the version's own backends (pins and mirrors go straight here)."""
+    return f"{model}@{version}/hosts"
+
+
+def failover_order(model: Model, version: str) -> list[str]:
+    """The versions an aggregate tries, in order: itself, then stable (never another)."""
+    if version == model.stable or model.stable not in model.versions:
+        return [version]
+    return [version, model.stable]
 
 
 @dataclass(frozen=True)
@@ -60,39 +104,131 @@ class ProxySettings:
 
 
 def build_clusters(state: State) -> list[cluster_pb2.Cluster]:
-    return [
-        _cluster(cluster_name(model.name, version))
-        for model in state.models.values()
-        for version in model.versions
-    ]
+    clusters = []
+    for model in state.models.values():
+        clusters.extend(model_clusters(model))
+    return clusters
 
 
-def _cluster(name: str) -> cluster_pb2.Cluster:
-    # vLLM queues internally; Envoy's default of 1024 concurrent requests would cap a fleet.
+def model_clusters(model: Model) -> list[cluster_pb2.Cluster]:
+    """Each version's hosts cluster, then its aggregate (itself, then stable)."""
+    clusters = [_hosts_cluster(model.name, version) for version in model.versions]
+    for version in model.versions:
+        members = [hosts_cluster_name(model.name, v) for v in failover_order(model, version)]
+        clusters.append(_aggregate_cluster(cluster_name(model.name, version), members))
+    return clusters
+
+
+def _hosts_cluster(model: str, version: str) -> cluster_pb2.Cluster:
+    name = cluster_name(model, version)
+    cluster = cluster_pb2.Cluster()
+    cluster.CopyFrom(_hosts_template())  # 5x faster than constructing the nested messages
+    cluster.name = hosts_cluster_name(model, version)
+    cluster.alt_stat_name = name  # one set of stats per version, whichever cluster counts
+    cluster.eds_cluster_config.service_name = name
+    return cluster
+
+
+@functools.cache
+def _hosts_template() -> cluster_pb2.Cluster:
+    """A hosts cluster without its names: health checks, outlier detection, limits."""
+    return cluster_pb2.Cluster(
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        circuit_breakers=_circuit_breakers(),
+        health_checks=[_health_check()],
+        outlier_detection=_outlier_detection(),
+        # The controller removes an endpoint only when it must go (process gone, version
+        # parked): do not keep it until Envoy's own checks fail.
+        ignore_health_on_host_removal=True,
+        # Health changes reach the load balancers at once, not merged over Envoy's default
+        # 1 s (a new host would be skipped, or a dead one tried, that long).
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            update_merge_window=duration_pb2.Duration(seconds=0)
+        ),
+    )
+
+
+def _aggregate_cluster(name: str, members: list[str]) -> cluster_pb2.Cluster:
+    """Envoy picks the first member with a healthy host, so a dead canary's share goes to
+    stable. Requests, retries and latency count under this cluster's name: the version's."""
+    cluster = cluster_pb2.Cluster()
+    cluster.CopyFrom(_aggregate_template())
+    cluster.name = name
+    members_config = aggregate_pb2.ClusterConfig(clusters=members)
+    cluster.cluster_type.typed_config.value = members_config.SerializeToString()
+    return cluster
+
+
+@functools.cache
+def _aggregate_template() -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name=AGGREGATE, typed_config=_pack(aggregate_pb2.ClusterConfig())
+        ),
+        # The router counts retries against the route's cluster: this one.
+        circuit_breakers=_circuit_breakers(),
+    )
+
+
+@functools.cache
+def _circuit_breakers() -> circuit_breaker_pb2.CircuitBreakers:
+    # vLLM queues internally; Envoy's default of 1024 concurrent requests would cap a fleet,
+    # and its default of 3 concurrent retries would fail requests a dead canary could retry.
     limits = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         max_connections=wrappers_pb2.UInt32Value(value=100_000),
         max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
         max_requests=wrappers_pb2.UInt32Value(value=100_000),
         max_retries=wrappers_pb2.UInt32Value(value=1_000),
     )
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
-        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[limits]),
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[limits])
+
+
+@functools.cache
+def _health_check() -> health_check_pb2.HealthCheck:
+    interval = duration_pb2.Duration(seconds=HEALTH_INTERVAL_S)
+    return health_check_pb2.HealthCheck(
+        timeout=duration_pb2.Duration(seconds=HEALTH_TIMEOUT_S),
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=UNHEALTHY_THRESHOLD),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=HEALTHY_THRESHOLD),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+            host="localhost", path=HEALTH_PATH
+        ),
+    )
+
+
+@functools.cache
+def _outlier_detection() -> outlier_detection_pb2.OutlierDetection:
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=CONSECUTIVE_GATEWAY_FAILURES),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=CONSECUTIVE_5XX),
+        interval=duration_pb2.Duration(seconds=1),
+        base_ejection_time=duration_pb2.Duration(seconds=BASE_EJECTION_S),
+        max_ejection_time=duration_pb2.Duration(seconds=MAX_EJECTION_S),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
     )
 
 
 def build_endpoints(state: State) -> list[endpoint_pb2.ClusterLoadAssignment]:
-    """Only ready endpoints: traffic must never reach a backend that cannot answer."""
+    """Only ready endpoints: traffic must never reach a backend that cannot answer.
+
+    Each endpoint carries its version in metadata: with failover, the response header
+    `x-switchyard-version` is read from the host that answered."""
     assignments = []
     for model in state.models.values():
         for version in model.versions.values():
+            metadata = _version_metadata(version.name)
             lb_endpoints = [
                 endpoint_components_pb2.LbEndpoint(
-                    endpoint=endpoint_components_pb2.Endpoint(address=_address(*ep.host_port))
+                    endpoint=endpoint_components_pb2.Endpoint(address=_address(*ep.host_port)),
+                    metadata=metadata,
                 )
                 for ep in version.endpoints
                 if ep.ready
@@ -106,6 +242,13 @@ def build_endpoints(state: State) -> list[endpoint_pb2.ClusterLoadAssignment]:
                 )
             )
     return assignments
+
+
+@functools.cache
+def _version_metadata(version: str) -> base_pb2.Metadata:
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[METADATA_NAMESPACE].update({"version": version})
+    return metadata
 
 
 def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
@@ -178,14 +321,19 @@ def build_route_config(
 
 
 def model_routes(model: Model) -> list[route_components_pb2.Route]:
-    """Pinned versions (preview header), an unknown pin, then the weighted split."""
+    """Pinned versions (preview header), an unknown pin, then the weighted split.
+
+    A pin goes to that version's hosts only (no failover); the split goes to each version's
+    aggregate cluster, whose answer may come from stable: the header names the host's version.
+    """
+    retries = model.retries
     routes = []
     for version in model.versions.values():
         routes.append(
             route_components_pb2.Route(
                 name=f"{model.name}/pin/{version.name}",
                 match=_metadata_match(model.name, _header_exact(VERSION_HEADER, version.name)),
-                route=_forward(cluster=cluster_name(model.name, version.name)),
+                route=_forward(retries, cluster=hosts_cluster_name(model.name, version.name)),
                 response_headers_to_add=[_version_header(version.name)],
             )
         )
@@ -211,12 +359,13 @@ def model_routes(model: Model) -> list[route_components_pb2.Route]:
             route_components_pb2.WeightedCluster.ClusterWeight(
                 name=cluster_name(model.name, version.name),
                 weight=wrappers_pb2.UInt32Value(value=version.weight),
-                response_headers_to_add=[_version_header(version.name)],
+                # The version of the host that answered; this one when none did (a 503).
+                response_headers_to_add=[_version_header(version.name), _served_by_header()],
             )
             for version in model.versions.values()
         ]
     )
-    action = _forward(weighted_clusters=split)
+    action = _forward(retries, weighted_clusters=split)
     _apply_policy(model, action)
     routes.append(
         route_components_pb2.Route(
@@ -239,7 +388,7 @@ def _apply_policy(model: Model, action: route_components_pb2.RouteAction) -> Non
         action.weighted_clusters.use_hash_policy.value = True
     if policy.mirror_to and policy.mirror_percent:
         mirror = route_components_pb2.RouteAction.RequestMirrorPolicy(
-            cluster=cluster_name(model.name, policy.mirror_to)
+            cluster=hosts_cluster_name(model.name, policy.mirror_to)  # no failover: discarded
         )
         mirror.runtime_fraction.default_value.numerator = policy.mirror_percent
         action.request_mirror_policies.append(mirror)
@@ -349,22 +498,39 @@ def _openai_error(
     )
 
 
-def _forward(**action) -> route_components_pb2.RouteAction:
-    return route_components_pb2.RouteAction(
+def _forward(retries: RetryPolicy, **action) -> route_components_pb2.RouteAction:
+    forward = route_components_pb2.RouteAction(
         timeout=duration_pb2.Duration(seconds=0),
         idle_timeout=duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S),
-        # A refused connection never reached vLLM: retrying it elsewhere is always safe.
-        retry_policy=route_components_pb2.RetryPolicy(
-            retry_on="connect-failure,refused-stream,reset-before-request",
-            num_retries=wrappers_pb2.UInt32Value(value=2),
-            retry_host_predicate=[
-                route_components_pb2.RetryPolicy.RetryHostPredicate(
-                    name="envoy.retry_host_predicates.previous_hosts",
-                    typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
-                )
-            ],
-        ),
         **action,
+    )
+    if retries.attempts:
+        forward.retry_policy.CopyFrom(_retry_policy(retries))
+    return forward
+
+
+@functools.cache
+def _retry_policy(retries: RetryPolicy) -> route_components_pb2.RetryPolicy:
+    """Retry on another host and, through the aggregate cluster, on the stable version.
+
+    A refused connection or a reset before the request went out never reached vLLM: always
+    safe. `on_5xx` adds 5xx answers and resets after the request went out (vLLM may have
+    started generating: the request is sent again elsewhere)."""
+    return route_components_pb2.RetryPolicy(
+        retry_on=NEVER_SENT + (",5xx" if retries.on_5xx else ""),
+        num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        retry_priority=route_components_pb2.RetryPolicy.RetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_pack(
+                previous_priorities_pb2.PreviousPrioritiesConfig(update_frequency=1)
+            ),
+        ),
     )
 
 
@@ -406,6 +572,12 @@ def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
 
 def _version_header(version: str) -> base_pb2.HeaderValueOption:
     return _header(VERSION_HEADER, version)
+
+
+@functools.cache
+def _served_by_header() -> base_pb2.HeaderValueOption:
+    """The answering host's version; empty without a host, and then Envoy adds nothing."""
+    return _header(VERSION_HEADER, f"%UPSTREAM_METADATA({METADATA_NAMESPACE}:version)%")
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:

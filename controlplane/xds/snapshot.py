@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -27,7 +29,8 @@ SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 
 
 class InconsistentSnapshot(ValueError):
-    """A route names a cluster the snapshot lacks, or an endpoint set has no cluster."""
+    """A route or an aggregate names a cluster the snapshot lacks, or an endpoint set has no
+    cluster."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,19 @@ def pack(type_url: str, messages) -> tuple[dict[str, any_pb2.Any], str]:
 def check_consistency(by_type: dict[str, list]) -> None:
     """Refuse a snapshot Envoy would half-apply: a route to a missing cluster is a 503."""
     clusters = {cluster.name for cluster in by_type.get(CLUSTER, ())}
-    orphans = {cla.cluster_name for cla in by_type.get(ENDPOINT, ())} - clusters
+    eds_names = set()
+    for cluster in by_type.get(CLUSTER, ()):
+        if not isinstance(cluster, cluster_pb2.Cluster):
+            continue  # a name only (SnapshotBuilder checks its routes so)
+        if cluster.type == cluster_pb2.Cluster.EDS:
+            eds_names.add(cluster.eds_cluster_config.service_name or cluster.name)
+        elif cluster.cluster_type.name == resources.AGGREGATE:
+            members = aggregate_pb2.ClusterConfig()
+            cluster.cluster_type.typed_config.Unpack(members)
+            missing = [name for name in members.clusters if name not in clusters]
+            if missing:
+                raise InconsistentSnapshot(f"cluster {cluster.name!r} names unknown {missing}")
+    orphans = {cla.cluster_name for cla in by_type.get(ENDPOINT, ())} - eds_names
     if orphans:
         raise InconsistentSnapshot(f"endpoints for unknown clusters: {sorted(orphans)}")
     for config in by_type.get(ROUTE, ()):
@@ -105,6 +120,8 @@ class SnapshotBuilder:
 
     A weight change rebuilds only that model's routes and the route configuration: clusters,
     endpoints and the listener are served from the previous snapshot's packed resources.
+    Clusters change with the versions and with the stable one (each aggregate cluster fails
+    over to stable).
     """
 
     def __init__(self, proxy: resources.ProxySettings) -> None:
@@ -113,16 +130,20 @@ class SnapshotBuilder:
         self._routes: dict[str, tuple[object, list]] = {}
 
     def build(self, state: State) -> Snapshot:
-        clusters = tuple(
-            resources.cluster_name(m.name, v) for m in state.models.values() for v in m.versions
-        )
+        clusters = tuple((m.name, m.stable, tuple(m.versions)) for m in state.models.values())
         endpoints = tuple(
             (resources.cluster_name(m.name, v.name), tuple(e.url for e in v.endpoints if e.ready))
             for m in state.models.values()
             for v in m.versions.values()
         )
         route_config = resources.build_route_config(state, self._model_routes)
-        check_consistency({CLUSTER: [_Named(name) for name in clusters], ROUTE: [route_config]})
+        names = [
+            name
+            for m in state.models.values()
+            for v in m.versions
+            for name in (resources.cluster_name(m.name, v), resources.hosts_cluster_name(m.name, v))
+        ]
+        check_consistency({CLUSTER: [_Named(name) for name in names], ROUTE: [route_config]})
         packed = {
             CLUSTER: self._cached(CLUSTER, clusters, lambda: resources.build_clusters(state)),
             ENDPOINT: self._cached(ENDPOINT, endpoints, lambda: resources.build_endpoints(state)),
@@ -143,7 +164,8 @@ class SnapshotBuilder:
         return result
 
     def _model_routes(self, model) -> list:
-        key = (tuple((v.name, v.weight) for v in model.versions.values()), model.policy)
+        versions = tuple((v.name, v.weight) for v in model.versions.values())
+        key = (versions, model.policy, model.retries)
         cached = self._routes.get(model.name)
         if cached is None or cached[0] != key:
             cached = (key, resources.model_routes(model))
