@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import filecmp
 import json
+import re
 import subprocess
 import sys
 import time
@@ -24,9 +25,10 @@ from controlplane.config import parse_config
 from controlplane.health.envoy_stats import METHOD, EnvoyStatsReceiver
 from controlplane.health.signals import HealthSignals
 from controlplane.service import Stack
+from controlplane.xds.resources import stats_name
 from tests.conftest import ROOT, EnvoyProcess, free_ports, write_config
 
-MODEL = "llama-3-8b"
+MODEL = "llama-3.1-8b"  # a dot: Envoy would cut the cluster name there
 # Envoy's default histogram buckets (ms), as the sink sends them.
 BOUNDS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
           300000, 600000, 1800000, 3600000)  # fmt: skip
@@ -217,7 +219,7 @@ async def wait_for(predicate, timeout: float = 10.0, message: str = ""):
 
 def admin_completed(admin_port: int) -> int:
     """One Envoy's own count for llama-3-8b@v1 (cumulative), from its admin port."""
-    stat = rf"^cluster\.{MODEL}@v1\.upstream_rq_completed$"
+    stat = rf"^cluster\.{re.escape(stats_name(MODEL))}@v1\.upstream_rq_completed$"
     url = f"http://127.0.0.1:{admin_port}/stats?filter={stat}"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()

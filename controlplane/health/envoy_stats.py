@@ -36,10 +36,11 @@ What a flush is read for (measured on Envoy 1.40 against HTTP/1.1 backends, as v
 
 Counters arrive as deltas (`report_counters_as_deltas`). Stat names are tag-extracted
 (`emit_tags_as_labels`): `cluster.upstream_rq_xx` labelled `envoy.cluster_name` and
-`envoy.response_code_class`. Envoy's cluster-name tag stops at the first '.', so for a cluster
-`qwen-2.5@v1` the label holds `qwen-2` and the family is `cluster.5@v1.upstream_rq_xx`: the
-name is put back together from both. Envoy also writes ':' as '_' in stat names; with the
-State given, names are mapped back to the real cluster names.
+`envoy.response_code_class`. Envoy's cluster-name tag stops at the first '.', so our clusters
+report their stats without dots (`alt_stat_name`, `resources.stats_name`: `qwen-2.5@v1` as
+`qwen-2_5@v1`); a name split anyway is put back together from the label and the family. Envoy
+also writes ':' as '_' in stat names; with the State given, names are mapped back to the real
+cluster names.
 
 Cost: this runs on the control plane's event loop, once a second per Envoy. A flush carries
 every used stat of that Envoy, one MetricFamily each: ~210 families and 24 KB with three model
@@ -64,6 +65,7 @@ from controlplane import logs
 from controlplane._gen.switchyard_metrics import metrics_service_pb2
 from controlplane.health.signals import Delta, HealthSignals, Histogram
 from controlplane.state import State
+from controlplane.xds.resources import stats_name
 
 log = logs.get("health.envoy")
 
@@ -184,7 +186,7 @@ def _add_histogram(tally: Tally, histogram) -> None:
 
 def stat_name(cluster: str) -> str:
     """How Envoy writes a cluster name inside stat names (Stats::Utility::sanitizeStatsName)."""
-    return cluster.strip(".").replace(":", "_").replace("\0", "_")
+    return stats_name(cluster).strip(".").replace(":", "_").replace("\0", "_")
 
 
 class EnvoyStatsReceiver:

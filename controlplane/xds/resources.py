@@ -78,6 +78,11 @@ NEVER_SENT = "connect-failure,refused-stream,reset-before-request"
 AGGREGATE = "envoy.clusters.aggregate"
 
 
+def stats_name(cluster: str) -> str:
+    """The name a version's stats carry (in Envoy's stats, Prometheus and the stats push)."""
+    return cluster.replace(".", "_")
+
+
 def cluster_name(model: str, version: str) -> str:
     """The version's cluster as routes and stats know it (the aggregate; the EDS name)."""
     return f"{model}@{version}"
@@ -124,7 +129,9 @@ def _hosts_cluster(model: str, version: str) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster()
     cluster.CopyFrom(_hosts_template())  # 5x faster than constructing the nested messages
     cluster.name = hosts_cluster_name(model, version)
-    cluster.alt_stat_name = name  # one set of stats per version, whichever cluster counts
+    # One set of stats per version, whichever cluster counts; without dots, which Envoy would
+    # read as the end of the cluster name ("llama-3.1-8b@v1" would be cluster "llama-3").
+    cluster.alt_stat_name = stats_name(name)
     cluster.eds_cluster_config.service_name = name
     return cluster
 
@@ -157,6 +164,8 @@ def _aggregate_cluster(name: str, members: list[str]) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster()
     cluster.CopyFrom(_aggregate_template())
     cluster.name = name
+    if "." in name:
+        cluster.alt_stat_name = stats_name(name)  # as the hosts cluster's (see there)
     members_config = aggregate_pb2.ClusterConfig(clusters=members)
     cluster.cluster_type.typed_config.value = members_config.SerializeToString()
     return cluster
