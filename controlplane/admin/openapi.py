@@ -406,7 +406,7 @@ def _rollout_command(action: str) -> dict:
             "parameters": [ROLLOUT_ID_PARAM],
             "responses": {
                 "200": _json(_ref("Rollout"), "the rollout (a repeated command changes nothing)"),
-                **_errors(401, 404, 409, 502, 504),
+                **_errors(400, 401, 404, 409, 502, 504),
             },
         }
     }
