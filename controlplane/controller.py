@@ -302,6 +302,16 @@ class Controller:
             return 0.0
         return await self.runtime.wake(model_name, version_name)
 
+    def record_crash(self, model_name: str, version_name: str, code: int | None) -> None:
+        """A backend died unasked: counted, so that a rollout whose candidate crashes is rolled
+        back even when the runtime restarts it before anyone saw an error."""
+        model = self.state.models.get(model_name)
+        version = model.versions.get(version_name) if model else None
+        if version is not None:
+            version.crashes += 1
+            self.events.publish("backend.crashed", model=model_name, version=version_name,
+                                code=code, crashes=version.crashes)  # fmt: skip
+
     def set_activator(self, model_name: str, version_name: str, url: str | None) -> None:
         """Scale to zero: while the version is parked, its EDS endpoint is the activator."""
         version = self.state.model(model_name).versions[version_name]

@@ -183,7 +183,7 @@ OUTCOMES = ("succeeded", "aborted", "rolled_back")
 VERDICTS = ("pass", "fail", "inconclusive")
 ROLLBACK_REASONS = (
     "emergency", "unready", "analysis", "error_rate", "latency_p95_ms", "ttft_p95_ms",
-    "itl_p95_ms", "stalled",
+    "itl_p95_ms", "stalled", "unhealthy", "crashed",
 )  # fmt: skip
 
 for _type in XDS_TYPES:

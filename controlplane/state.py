@@ -39,6 +39,7 @@ class Version:
     endpoints: list[Endpoint] = field(default_factory=list)
     added: bool = False  # added at run time (API or runtime), not in switchyard.yaml
     activator: str | None = None  # scaled to zero: Envoy sends its requests here meanwhile
+    crashes: int = 0  # backend processes that died unasked (a rollout's candidate must not)
 
     @property
     def ready(self) -> bool:

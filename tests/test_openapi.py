@@ -70,6 +70,7 @@ NOT_FUZZED_OPERATIONS = {("POST", "/v1/models"): "starts backend processes per a
 # one check such a bug trips is skipped for that operation only; all other checks still run.
 KNOWN_BUGS: dict[str, tuple[CheckFunction, str]] = {}
 OUTCOMES: Counter[tuple[str, int]] = Counter()
+FRAMING = {"content-length", "transfer-encoding", "host", "connection"}
 
 
 CONFIG = schemathesis.Config.from_dict(
@@ -252,6 +253,10 @@ def _strict_json(text: str):
 
 def _run(api: Running, case, abort_created: bool = True):
     """Send `case`, check the answer against the document and the state around it."""
+    # A request that lies about its framing (`content-length: else`) is refused by aiohttp's
+    # HTTP parser with a plain-text 400 before any handler runs: not the API's behaviour.
+    if case.headers:
+        case.headers = {k: v for k, v in case.headers.items() if k.lower() not in FRAMING}
     before = _snapshot(api)
     response = case.call(base_url=api.admin)
     OUTCOMES[(case.operation.label, response.status_code)] += 1

@@ -188,6 +188,12 @@ ROLLOUT_FIELDS: Schema = {
     "pause_until": _nullable({"type": "number"}),
     "pause_left": _nullable({"type": "number"}),
     "failures": {"type": "integer", "minimum": 0, "description": "consecutive failing verdicts"},
+    "candidate_crashes": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "the candidate's backend crashes counted when the rollout started: one "
+        "more during the rollout rolls it back (with analysis)",
+    },
     "wake_seconds": {
         "type": "number",
         "description": "how long waking the parked candidate took, when it had to be woken",
@@ -198,7 +204,7 @@ ROLLOUT_FIELDS: Schema = {
     },
 }
 # absent from rollouts stored by older versions, or only there once something happened
-OPTIONAL_ROLLOUT_FIELDS = {"unready_since", "wake_seconds"}
+OPTIONAL_ROLLOUT_FIELDS = {"unready_since", "wake_seconds", "candidate_crashes"}
 FIGURE = _nullable({"type": "number"})
 VERSION_HEALTH: Schema = {
     "type": "object",

@@ -211,6 +211,7 @@ class LocalRuntime:
                 logs.event(log, "backend.exited", logging.WARNING, model=model,
                            version=version, code=code)  # fmt: skip
                 metrics.backend_restarts.labels(model, version).inc()
+                self.controller.record_crash(model, version, code)
             record.failures += 1
             state = "error" if record.failures >= ERROR_AFTER_FAILURES else "starting"
             self.controller.set_endpoints(model, version, [], state)

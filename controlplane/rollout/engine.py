@@ -128,6 +128,7 @@ class RolloutEngine:
                 "pause_left": None,
                 "failures": 0,
                 "unready_since": None,
+                "candidate_crashes": model.versions[spec.to].crashes,
             }
             _record(doc, "started", "starting")
             self.controller.store.save(rollouts=[doc])
@@ -322,7 +323,7 @@ class RolloutEngine:
 
     async def _judge(self, doc, analysis: Analysis) -> str:
         """Ask the analysis once; roll back after `failure_limit` consecutive fails."""
-        if await self._unready_too_long(doc):
+        if await self._unready_too_long(doc) or await self._candidate_crashed(doc):
             return "rolled_back"
         verdict: Verdict = await analysis.evaluate(doc)
         metrics.analysis_verdicts.labels(doc["model"], verdict.result).inc()
@@ -365,6 +366,21 @@ class RolloutEngine:
             reason = f"{doc['to']} had no ready endpoint for {now - since:.1f}s (grace {grace:g}s)"
             await self._finish(doc, "rolled_back", "rolled_back", f"rolled back: {reason}")
         metrics.rollbacks.labels(doc["model"], "unready").inc()
+        return True
+
+    async def _candidate_crashed(self, doc) -> bool:
+        """With analysis on: a candidate whose backend died during the rollout is rolled back
+        (True), even if it was restarted before a request failed: it will crash again."""
+        crashes = self._model(doc).versions[doc["to"]].crashes
+        baseline = doc.setdefault("candidate_crashes", crashes)
+        if crashes <= baseline:
+            return False
+        async with self._lock:
+            if doc["phase"] not in ACTIVE:
+                return True
+            reason = f"crashed: {doc['to']}'s backend exited {crashes - baseline} time(s)"
+            await self._finish(doc, "rolled_back", "rolled_back", f"rolled back: {reason}")
+        metrics.rollbacks.labels(doc["model"], "crashed").inc()
         return True
 
     async def _wait_for_candidate(self, doc) -> None:
