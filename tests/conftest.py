@@ -6,6 +6,7 @@ test fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -230,6 +232,31 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class InBackground:
+    """Work (usually traffic) on a thread while a `with` block runs. Subclasses define
+    `run()` and end it once `self.stopping` is set; coroutine `run`s get their own loop."""
+
+    join_timeout = 30.0
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        target = self.run
+        if asyncio.iscoroutinefunction(target):
+            target = lambda: asyncio.run(self.run())  # noqa: E731
+        self._thread = threading.Thread(target=target, daemon=True)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self._thread.join(self.join_timeout)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = ""):

@@ -22,7 +22,7 @@ from controlplane.controller import Controller
 from controlplane.health.alerts import HealthAlerts, assess
 from controlplane.health.signals import Delta, Histogram
 from controlplane.notify import wanted
-from tests.conftest import http_json, switchyard, wait_until
+from tests.conftest import InBackground, http_json, switchyard, wait_until
 from tests.test_health_analysis import figures
 
 ALERTS = {"max_error_rate": 0.2, "max_latency_p95_ms": 500, "min_requests": 5, "window_seconds": 2}
@@ -176,28 +176,21 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class Traffic:
+class Traffic(InBackground):
     """About 20 completions a second through Envoy, from a background thread."""
+
+    join_timeout = 10.0
 
     def __init__(self, proxy: str) -> None:
         self.proxy = proxy
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         body = {"model": "llama-3-8b", "prompt": "x", "max_tokens": 2}
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             with contextlib.suppress(OSError):
                 http_json("POST", f"{self.proxy}/v1/completions", body)
-            self._stop.wait(0.05)
+            self.stopping.wait(0.05)
 
 
 async def _next_event(stream: aiohttp.ClientResponse, kind: str) -> dict:

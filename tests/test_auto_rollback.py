@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 
 import aiohttp
 import pytest
 
-from tests.conftest import http_json, switchyard, wait_until
+from tests.conftest import InBackground, http_json, switchyard, wait_until
 
 MODELS = [
     {
@@ -28,30 +27,21 @@ MODELS = [
 ANALYSIS = {"interval_seconds": 1, "min_requests": 10, "failure_limit": 1}
 
 
-class Load:
+class Load(InBackground):
     """Steady traffic through Envoy from a background thread (about 60 requests/s)."""
 
     def __init__(self, proxy: str, concurrency: int = 6, pause: float = 0.1) -> None:
         self.proxy, self.concurrency, self.pause = proxy, concurrency, pause
         self.statuses: list[tuple[float, str, int]] = []  # (time, version, status)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
             async def worker() -> None:
                 body = {"model": "llama-3-8b", "prompt": "x", "max_tokens": 2}
-                while not self._stop.is_set():
+                while not self.stopping.is_set():
                     try:
                         async with session.post(f"{self.proxy}/v1/completions", json=body) as r:
                             await r.read()

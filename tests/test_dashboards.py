@@ -13,7 +13,6 @@ import math
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,7 +27,7 @@ from controlplane import dashboards, metrics
 from controlplane.admin import targets
 from controlplane.config import parse_config
 from controlplane.state import Endpoint, State
-from tests.conftest import ROOT, free_ports, switchyard, wait_for_proxy, wait_until
+from tests.conftest import ROOT, InBackground, free_ports, switchyard, wait_for_proxy, wait_until
 
 DASHBOARDS = ROOT / "manifests" / "dashboards"
 K8S_PROMETHEUS = ROOT / "manifests" / "prometheus" / "prometheus.yml"
@@ -267,27 +266,18 @@ class Prometheus:
                 self.process.wait()
 
 
-class Traffic:
+class Traffic(InBackground):
     """Streaming chat completions through Envoy with the openai SDK, from a thread."""
 
     def __init__(self, proxy: str) -> None:
         self.client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="unused", max_retries=0)
         self.done = 0
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         messages = [{"role": "user", "content": "hello"}]
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 stream = self.client.chat.completions.create(
                     model=MODEL, messages=messages, max_tokens=4, stream=True

@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from tests.conftest import Running, free_ports, http_json, switchyard, wait_until
+from tests.conftest import InBackground, Running, free_ports, http_json, switchyard, wait_until
 from tests.test_auto_rollback import Load, canary, rolled_back
 
 MODEL = "llama-3-8b"
@@ -77,23 +76,15 @@ class Reply:
     status: int | None = None  # None: no answer yet; 0: none at all (broken, timed out)
 
 
-class Traffic:
+class Traffic(InBackground):
     """Non-streamed requests at a steady rate from a background thread, each with its send
     time. Open loop: a request stuck on a hung backend holds up no other."""
 
     def __init__(self, proxy: str, rate: float = 50, timeout: float = 30) -> None:
         self.proxy, self.rate, self.timeout = proxy, rate, timeout
         self.replies: list[Reply] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(self.timeout + 5)
+        self.join_timeout = timeout + 5
+        super().__init__()
 
     def since(self, moment: float) -> list[Reply]:
         return [reply for reply in list(self.replies) if reply.sent >= moment]
@@ -104,7 +95,7 @@ class Traffic:
         settled = time.time() - 0.5
         return [reply for reply in list(self.replies) if reply.sent < settled][-count:]
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
@@ -120,7 +111,7 @@ class Traffic:
                     reply.status = 0
 
             tasks = set()
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 task = asyncio.create_task(one())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

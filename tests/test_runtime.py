@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import openai
 import pytest
 
-from tests.conftest import free_port, switchyard, wait_until
+from tests.conftest import InBackground, free_port, switchyard, wait_until
 
 
 def one_model(name: str = "llama-3-8b", **options) -> list[dict]:
@@ -56,17 +55,18 @@ def cli(stack, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-class Load:
+class Load(InBackground):
     """Requests through Envoy in a background thread, counting failures."""
+
+    join_timeout = 10.0
 
     def __init__(self, stack) -> None:
         self.client = client_for(stack)
         self.ok, self.failed, self.errors = 0, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping.is_set():
             try:
                 served_by(self.client)
                 self.ok += 1
@@ -75,13 +75,6 @@ class Load:
                 self.errors.append(repr(exc))
             time.sleep(0.01)
 
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 @pytest.fixture(scope="module")
