@@ -120,8 +120,10 @@ class Stack:
             await self.runtime.start()
         if self.config.runtime == "kubernetes" and self.runtime is not None:
             await self.runtime.wait_synced(30)  # resumed rollouts must find their models
-        elif self.runtime is not None:
-            self.activator = Activator(self.controller)
+        if self.runtime is not None:
+            # Envoy must reach the activator: on Kubernetes at the controller pod's IP.
+            host = os.environ.get("SWITCHYARD_POD_IP", "127.0.0.1")
+            self.activator = Activator(self.controller, host)
             await self.activator.start()
         self.scraper = VllmScraper(self.controller.state, self.controller.health)
         await self.scraper.start()
