@@ -46,7 +46,7 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The benchmark suite, short runs (~6 min; docs/benchmarks.md). The documented runs:
+# The benchmark suite, short runs (~3 min; docs/benchmarks.md). The documented runs:
 # `make bench BENCH_ARGS=--full`; one benchmark: `make bench BENCH_ARGS="--only fanout"`.
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

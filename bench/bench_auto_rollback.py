@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import plots
 from common import percentile, post_json, switchyard_up
 
 MODEL = "llama-3-8b"
@@ -132,9 +133,16 @@ def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -
     if status != 201:
         raise SystemExit(f"POST /v1/rollouts: {status} {doc}")
     url = f"{stack.admin}/v1/rollouts/{doc['id']}"
+    verdicts: dict[float, str] = {}  # every verdict a poll saw: time -> result
+
+    def poll() -> dict:
+        now = api("GET", url)[1]
+        if status := now["analysis_status"]:
+            verdicts[status["time"]] = status["result"]
+        return now
 
     def healthy():
-        now = api("GET", url)[1]
+        now = poll()
         if now["phase"] not in ("progressing", "paused"):
             raise SystemExit(f"rollout ended before the fault: {now['message']}")
         return (now["analysis_status"] or {}).get("result") == "pass"
@@ -149,7 +157,7 @@ def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -
         raise SystemExit(f"POST /sim/faults: {status}")
 
     def rolled_back():
-        now = api("GET", url)[1]
+        now = poll()
         if now["phase"] == "rolled_back":
             return now, time.time()
         if now["phase"] not in ("progressing", "paused"):
@@ -190,6 +198,9 @@ def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -
         "weights": entry["weights"],
         "message": done["message"],
         "window": {key: figures.get(key) for key in WINDOW_FIGURES},
+        "injected": injected,
+        "server": server,
+        "verdicts": sorted(verdicts.items()),
     }
 
 
@@ -230,6 +241,31 @@ def summary(rows: list[dict], fault: str) -> None:
     print(f"rollback reasons: {sorted(reasons)}; weights after: {sorted(weights)}")
 
 
+def plot_run(rows: list[dict], results: list[tuple], rate: float) -> None:
+    """The timeline of the median error-storm rollback: answers, verdicts, rollback ACK."""
+    row = sorted(rows, key=lambda r: r["server_s"])[len(rows) // 2]
+    start, end, width = -2.0, row["server_s"] + 1.5, 0.25
+    bins = [start + i * width for i in range(int((end - start) / width))]
+    counts = {b: [0, 0, 0] for b in bins}  # answers, 5xx, from the candidate
+    for _, answered, version, status in results:
+        at = answered - row["injected"]
+        if start <= at < bins[-1] + width:
+            slot = counts[bins[min(len(bins) - 1, int((at - start) / width))]]
+            slot[0] += 1
+            slot[1] += status >= 500 or status == 0
+            slot[2] += version == "v2"
+    errors = [(b, c[1] / width, c[0] / width) for b, c in counts.items()]
+    share = [(b + width / 2, c[2] / c[0] * 100) for b, c in counts.items() if c[0]]
+    verdicts = [(at - row["injected"], result) for at, result in row["verdicts"]]
+    verdicts = [(at, result) for at, result in verdicts if start <= at <= end]
+    marks = {"fault injected": 0.0, "candidate at 0 %, ACKed": row["server_s"]}
+    plots.rollback_timeline(
+        errors, share, verdicts, marks,
+        f"automatic rollback (median of {len(rows)} error storms): canary at 50 %, "
+        f"{rate:g} req/s, analysis interval_seconds {ANALYSIS['interval_seconds']}",
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="rollbacks on an error storm")
@@ -237,6 +273,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50, help="total requests per second")
     parser.add_argument("--seed", type=int, default=1, help="for the injection phases")
     parser.add_argument("--verbose", action="store_true", help="print every run")
+    parser.add_argument("--no-plot", action="store_true", help="skip the timeline PNG")
     args = parser.parse_args()
 
     with (
@@ -267,6 +304,8 @@ def main() -> None:
     for fault, rows in results.items():
         if rows:
             summary(rows, fault)
+    if results["error"] and not args.no_plot:
+        plot_run(results["error"], load.results, args.rate)
 
 
 if __name__ == "__main__":

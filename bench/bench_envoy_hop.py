@@ -20,41 +20,27 @@ threads) in /proc over each wrk run, divided by the requests of that run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 from common import (
     ROOT,
+    background,
     chat_body,
     cpu_seconds,
     free_port,
     own_envoy,
     post_json,
     run_wrk,
-    stop,
     switchyard_up,
-    wait_http,
 )
 
 MODEL = "bench-model"
-
-
-@contextlib.contextmanager
-def background(argv: list[str], ready_url: str, log_path: Path) -> Iterator[subprocess.Popen]:
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        wait_http(ready_url)
-        yield process
-    finally:
-        stop(process)
 
 
 def check(url: str, expect_header: bool) -> None:

@@ -1,17 +1,19 @@
 """Time to build and serialize one xDS snapshot for 100 models x 2 versions.
 
-The controller rebuilds the whole snapshot (all clusters, endpoints, the listener and the
-route configuration) on every change, on the event loop, so this bounds how fast weight
-changes and endpoint updates can go at that size. Goal: p50 and p99 <= 5 ms.
+The controller builds snapshots on the event loop: from scratch at start-up, and
+incrementally (SnapshotBuilder: only the changed model's routes) on every weight change, so
+this bounds how fast weight changes can go at that size. Goal: p50 and p99 <= 5 ms.
 
     python bench/bench_snapshot.py [--models 100] [--builds 200]
 
 Also times each stage (message construction per type, then `Snapshot.from_resources`, which
 checks consistency, serializes deterministically and hashes) so a miss points at its cause.
 
-For ADR 0001, when `--edp-python` (default /tmp/edp/bin/python) is a Python with
-`envoy-data-plane` (betterproto2) installed, runs bench/edp_snapshot.py with it to build the
-same configuration that way, checks both produce the same messages, and compares timings.
+For ADR 0001, with `--edp-python` naming a Python with `envoy-data-plane` (betterproto2)
+installed, runs bench/edp_snapshot.py with it to build the same configuration that way,
+checks both produce the same messages, and compares timings. bench/edp_snapshot.py mirrors
+the resources of its time (one cluster per version); since the aggregate clusters came the
+messages differ and the comparison says so and stops (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -122,7 +124,12 @@ def compare_edp(python: str, state: State, builds: int, ours: dict[str, list[flo
         packed = snapshot.resources[type_url].values()
         mine = [MESSAGES[type_url].FromString(any_message.value) for any_message in packed]
         if theirs != mine:
-            raise SystemExit(f"envoy-data-plane built a different {type_url}")
+            print(
+                f"\nenvoy-data-plane comparison skipped: bench/edp_snapshot.py built a different "
+                f"{type_url.rsplit('.', 1)[1]} (it mirrors an older resources.py; the recorded "
+                "comparison is in docs/benchmarks.md)"
+            )
+            return
     print(
         f"\nenvoy-data-plane (betterproto2, {builds} runs) vs xds-protos (upb), "
         "same messages (checked):"
@@ -144,7 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=100)
     parser.add_argument("--builds", type=int, default=200)
-    parser.add_argument("--edp-python", default="/tmp/edp/bin/python", help="venv with edp")
+    parser.add_argument(
+        "--edp-python", help="a Python with envoy-data-plane, e.g. /tmp/edp/bin/python"
+    )
     parser.add_argument("--edp-builds", type=int, default=20, help="edp is slow: fewer runs")
     args = parser.parse_args()
     state = make_state(args.models)
@@ -194,6 +203,8 @@ def main() -> None:
         ms = timed(function, args.builds)
         print(f"{name:<46} {percentile(ms, 50):8.2f} {percentile(ms, 99):8.2f} {ms[-1]:8.2f}")
 
+    if not args.edp_python:
+        return
     if not Path(args.edp_python).exists():
         print(f"\nenvoy-data-plane comparison skipped: no {args.edp_python} (see --help)")
         return

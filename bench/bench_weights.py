@@ -7,8 +7,8 @@ for a change to be live. Goal: p50 <= 2 ms, p99 <= 5 ms with one Envoy.
     python bench/bench_weights.py [--changes 400] [--sizes 1,40]
 
 For each size N, starts `switchyard up` (one Envoy) with `llama-3-8b` on two sim versions
-plus N-1 filler models (two `url` versions each, never called: they only make the snapshot
-bigger; from 50 such models on Envoy NACKs the routes, see docs/benchmarks.md), alternates
+plus N-1 filler models (two `url` versions each, all on one extra sim so that they are
+ready, never called: they only make the snapshot bigger), alternates
 v1=90/v2=10 and v1=10/v2=90 over one keep-alive connection, and prints client-side
 percentiles next to the server's own histograms from /metrics (deltas around the run): the
 admin handler, the snapshot build, and push -> Envoy ACK for routes.
@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import percentile, switchyard_up
+from common import percentile, sim, switchyard_up
 
 MODEL = "llama-3-8b"
 SPLITS = ({"v1": 90, "v2": 10}, {"v1": 10, "v2": 90})
@@ -37,13 +37,13 @@ SERVER = {
 }
 
 
-def models(count: int) -> list[dict]:
+def models(count: int, filler_url: str) -> list[dict]:
     filler = [
         {
             "name": f"filler-{index:03d}",
             "versions": [
-                {"name": "v1", "weight": 90, "backend": {"url": f"http://127.0.0.1:{index + 1}"}},
-                {"name": "v2", "weight": 10, "backend": {"url": f"http://127.0.0.2:{index + 1}"}},
+                {"name": "v1", "weight": 90, "backend": {"url": filler_url}},
+                {"name": "v2", "weight": 10, "backend": {"url": filler_url}},
             ],
         }
         for index in range(count - 1)
@@ -108,7 +108,8 @@ def put_weights(admin_hostport: str, changes: int) -> list[float]:
 def run(size: int, changes: int, warmup: int) -> tuple[list[float], dict, dict]:
     with (
         tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp,
-        switchyard_up(Path(tmp), models(size)) as stack,
+        sim(Path(tmp), "filler") as filler_url,
+        switchyard_up(Path(tmp), models(size, filler_url)) as stack,
     ):
         admin_hostport = stack.config["listen"]["admin"]
         put_weights(admin_hostport, warmup)

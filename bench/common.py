@@ -78,11 +78,20 @@ class Stack:
 
 @contextlib.contextmanager
 def switchyard_up(
-    directory: Path, models: list[dict], command: str = "up", timeout: float = 60
+    directory: Path,
+    models: list[dict],
+    command: str = "up",
+    timeout: float = 60,
+    base: dict | None = None,
 ) -> Iterator[Stack]:
-    """`switchyard up` (or `serve`) on free ports with `models`; stopped with its children."""
+    """`switchyard up` (or `serve`) on free ports with `models`; stopped with its children.
+
+    `base`: other keys of switchyard.yaml (e.g. the repository's own file); its `listen`,
+    `state_dir` and `models` are replaced.
+    """
     listen = {key: f"127.0.0.1:{free_port()}" for key in ("proxy", "admin", "xds", "envoy_admin")}
-    config = {"listen": listen, "state_dir": str(directory / "state"), "models": models}
+    config = {**(base or {}), "listen": listen, "state_dir": str(directory / "state")}
+    config["models"] = models
     config_path = directory / "switchyard.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = directory / f"{command}.log"
@@ -128,6 +137,28 @@ def own_envoy(stack: Stack, concurrency: int) -> Iterator[subprocess.Popen]:
         yield process
     finally:
         stop(process)
+
+
+@contextlib.contextmanager
+def background(argv: list[str], ready_url: str, log_path: Path) -> Iterator[subprocess.Popen]:
+    """A process in the background, ready once `ready_url` answers; stopped on exit."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_http(ready_url)
+        yield process
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def sim(directory: Path, model: str, *options: str) -> Iterator[str]:
+    """One `switchyard sim` on a free port; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "controlplane", "sim", "--port", str(port), "--model", model]
+    with background([*argv, *options], f"{url}/health", directory / f"sim-{port}.log"):
+        yield url
 
 
 def post_json(url: str, body: dict, timeout: float = 10) -> tuple[int, bytes]:
