@@ -261,6 +261,9 @@ class RolloutEngine:
             if not self._candidate_ready(doc):
                 await self._wait_for_candidate(doc)
                 continue
+            if self._parked(doc, doc["from"]):  # a `from` given explicitly may be parked
+                await self._wake_version(doc, doc["from"])
+                continue
             if doc["step_index"] >= len(plan.steps):
                 async with self._lock:
                     if doc["phase"] == "progressing":
@@ -386,8 +389,8 @@ class RolloutEngine:
     async def _wait_for_candidate(self, doc) -> None:
         if await self._unready_too_long(doc):
             return
-        if self._model(doc).versions[doc["to"]].state in PARKED_STATES:
-            await self._wake_candidate(doc)
+        if self._parked(doc, doc["to"]):
+            await self._wake_version(doc, doc["to"])
             return
         message = f"waiting for {doc['to']} to have a ready endpoint"
         if doc["message"] != message:
@@ -396,9 +399,11 @@ class RolloutEngine:
                 self.controller.store.save(rollouts=[_touch(doc)])
         await self._sleep(doc["id"], WAIT_FOR_READY_S)
 
-    async def _wake_candidate(self, doc) -> None:
-        """A parked candidate is woken before it gets traffic; the time goes in the history."""
-        to = doc["to"]
+    def _parked(self, doc, version: str) -> bool:
+        return self._model(doc).versions[version].state in PARKED_STATES
+
+    async def _wake_version(self, doc, to: str) -> None:
+        """A parked version is woken before it gets traffic; the time goes in the history."""
         async with self._lock:
             doc["message"] = f"waking {to}"
             _record(doc, "waking", doc["message"])
