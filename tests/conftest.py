@@ -225,13 +225,7 @@ class EnvoyProcess:
             )  # fmt: skip
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class InBackground:
@@ -286,6 +280,12 @@ def wait_for_proxy(proxy_url: str, model: str = "llama-3-8b", timeout: float = 2
     wait_until(routed, timeout, message=f"{proxy_url} to route {model}")
 
 
-def terminate(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
+def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: no test leaves a process behind."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -27,7 +27,15 @@ from controlplane import dashboards, metrics
 from controlplane.admin import targets
 from controlplane.config import parse_config
 from controlplane.state import Endpoint, State
-from tests.conftest import ROOT, InBackground, free_ports, switchyard, wait_for_proxy, wait_until
+from tests.conftest import (
+    ROOT,
+    InBackground,
+    free_ports,
+    stop_process,
+    switchyard,
+    wait_for_proxy,
+    wait_until,
+)
 
 DASHBOARDS = ROOT / "manifests" / "dashboards"
 K8S_PROMETHEUS = ROOT / "manifests" / "prometheus" / "prometheus.yml"
@@ -257,13 +265,7 @@ class Prometheus:
         }
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class Traffic(InBackground):

@@ -30,6 +30,7 @@ from tests.conftest import (
     Running,
     free_ports,
     start_switchyard,
+    stop_process,
     wait_for_proxy,
     wait_until,
     write_config,
@@ -50,16 +51,6 @@ def healthy(port: int) -> bool:
             return response.status == 200
     except (OSError, urllib.error.URLError):
         return False
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

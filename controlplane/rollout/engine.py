@@ -363,13 +363,8 @@ class RolloutEngine:
         grace = doc["analysis"].get("unready_grace_seconds", 10.0)
         if now - since < grace:
             return False
-        async with self._lock:
-            if doc["phase"] not in ACTIVE:
-                return True
-            reason = f"{doc['to']} had no ready endpoint for {now - since:.1f}s (grace {grace:g}s)"
-            await self._finish(doc, "rolled_back", "rolled_back", f"rolled back: {reason}")
-        metrics.rollbacks.labels(doc["model"], "unready").inc()
-        return True
+        reason = f"{doc['to']} had no ready endpoint for {now - since:.1f}s (grace {grace:g}s)"
+        return await self._roll_back(doc, reason, "unready")
 
     async def _candidate_crashed(self, doc) -> bool:
         """With analysis on: a candidate whose backend died during the rollout is rolled back
@@ -378,12 +373,16 @@ class RolloutEngine:
         baseline = doc.setdefault("candidate_crashes", crashes)
         if crashes <= baseline:
             return False
+        reason = f"crashed: {doc['to']}'s backend exited {crashes - baseline} time(s)"
+        return await self._roll_back(doc, reason, "crashed")
+
+    async def _roll_back(self, doc, reason: str, label: str) -> bool:
+        """End the rollout as rolled back (unless a command ended it first); True."""
         async with self._lock:
             if doc["phase"] not in ACTIVE:
                 return True
-            reason = f"crashed: {doc['to']}'s backend exited {crashes - baseline} time(s)"
             await self._finish(doc, "rolled_back", "rolled_back", f"rolled back: {reason}")
-        metrics.rollbacks.labels(doc["model"], "crashed").inc()
+        metrics.rollbacks.labels(doc["model"], label).inc()
         return True
 
     async def _wait_for_candidate(self, doc) -> None:
