@@ -195,7 +195,10 @@ class Stack:
                 f"Switchyard is up: proxy http://{self.config.listen.proxy}/v1  admin {admin}  "
                 f"console {admin}/ui/"
             )
-        return f"Switchyard control plane is serving: admin {admin}  xds {self.config.listen.xds}"
+        return (
+            f"Switchyard control plane is serving: admin {admin}  xds {self.config.listen.xds}  "
+            f"console {admin}/ui/"
+        )
 
 
 def _busy(key: str, address: str, exc: OSError) -> ConfigError:
