@@ -292,7 +292,8 @@ def test_a_slow_backend_gets_no_traffic_until_ready_and_a_killed_one_comes_back(
     pinned = _raw_pinned(stack, "slow")
     assert pinned == 503  # routed nowhere while it loads: no endpoint in EDS
     wait_until(lambda: version_of(stack, "slow")["ready"], timeout=15, message="slow is ready")
-    assert _raw_pinned(stack, "slow") == 200
+    # Envoy learns of it a moment later (EDS push, then its first health check).
+    wait_until(lambda: _raw_pinned(stack, "slow") == 200, timeout=5, message="Envoy routes it")
 
     endpoint = version_of(stack, "slow")["endpoints"][0]
     pid = int(next((stack.state_dir / "pids").glob("sim-llama-3-8b@slow.pid")).read_text())
@@ -301,7 +302,7 @@ def test_a_slow_backend_gets_no_traffic_until_ready_and_a_killed_one_comes_back(
                message="the killed backend leaves EDS")  # fmt: skip
     wait_until(lambda: version_of(stack, "slow")["ready"], timeout=15, message="restarted")
     assert version_of(stack, "slow")["endpoints"] != [endpoint]  # a new process, a new port
-    assert _raw_pinned(stack, "slow") == 200
+    wait_until(lambda: _raw_pinned(stack, "slow") == 200, timeout=5, message="routed again")
     assert served_by(client) in {"v2"}  # the model's own traffic never noticed
     status, _ = stack.api("DELETE", "/v1/models/llama-3-8b/versions/slow")
     assert status == 204
