@@ -51,7 +51,8 @@ class Version:
             "weight": self.weight,
             "ready": self.ready,
             "state": self.state,
-            "endpoints": [endpoint.url for endpoint in self.endpoints],
+            # The backends' URLs: not the activator a scaled-to-zero version is routed to.
+            "endpoints": [ep.url for ep in self.endpoints if ep.url != self.activator],
             "backend": self.backend.model_dump(exclude_none=True),
         }
 

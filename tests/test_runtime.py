@@ -223,6 +223,7 @@ def test_scale_to_zero_holds_the_next_request_while_waking(tmp_path):
         wait_until(lambda: version_of(stack, "v1")["state"] == "sleeping", timeout=15,
                    message="idle version scaled to zero")  # fmt: skip
         assert is_sleeping(url)
+        assert version_of(stack, "v1")["endpoints"] == []  # no backend serves (the activator does)
         assert served_by(client) == "v1"  # held while waking, then answered
         assert version_of(stack, "v1")["state"] == "active"
         assert not is_sleeping(url)
