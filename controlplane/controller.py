@@ -1,8 +1,10 @@
 """The control plane's core: one desired state, one way to change it, one snapshot per change.
 
-The admin API (and later the rollout engine) call the transition methods here. Each
+The admin API, the rollout engine and the runtimes call the transition methods here. Each
 validates first (a rejected call changes nothing), persists, rebuilds the snapshot once,
-publishes it to every Envoy and waits for their ACK.
+publishes it to every Envoy and waits for their ACK. Runtimes report endpoints through
+`set_endpoints` (the changes of one event-loop turn make one snapshot); parking and waking
+(`park`, `wake`) go through the runtime the Stack set in `self.runtime`.
 """
 
 from __future__ import annotations
