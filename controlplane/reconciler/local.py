@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -165,16 +167,10 @@ class LocalRuntime:
 
     async def wait_ready(self, timeout: float) -> bool:
         """True once every version is active (or timeout)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            versions = [
-                v for m in self.controller.state.models.values() for v in m.versions.values()
-            ]
-            if all(version.ready for version in versions):
-                return True
-            await asyncio.sleep(POLL_S)
-        return False
+        models = self.controller.state.models
+        return await poll_until(
+            lambda: all(v.ready for m in models.values() for v in m.versions.values()), timeout
+        )
 
     # -- supervision ------------------------------------------------------------------------
 
@@ -257,21 +253,16 @@ class LocalRuntime:
 
     async def _wait_ready(self, model: str, version: str) -> None:
         timeout = self.controller.state.model(model).wake_timeout_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.controller.state.model(model).versions[version].ready:
-            if loop.time() > deadline:
-                raise Unavailable(f"{model}@{version} did not become ready in {timeout:g}s")
-            await asyncio.sleep(POLL_S)
+        ready = lambda: self.controller.state.model(model).versions[version].ready  # noqa: E731
+        if not await poll_until(ready, timeout):
+            raise Unavailable(f"{model}@{version} did not become ready in {timeout:g}s")
 
     async def _wait_awake(self, record: LocalBackend, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and record.url is not None:
-            if not await self._is_sleeping(record.url) and await self._healthy(record.url):
-                return True
-            await asyncio.sleep(POLL_S)
-        return False
+        async def awake() -> bool:
+            url = record.url
+            return url is not None and not await self._is_sleeping(url) and await self._healthy(url)
+
+        return await poll_until(awake, timeout, give_up=lambda: record.url is None)
 
     async def _post(self, url: str, path: str) -> None:
         assert self._session is not None
@@ -300,13 +291,9 @@ class LocalRuntime:
         return False
 
     async def _wait_healthy(self, url: str, process, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and process.returncode is None:
-            if await self._healthy(url):
-                return True
-            await asyncio.sleep(POLL_S)
-        return False
+        return await poll_until(
+            lambda: self._healthy(url), timeout, give_up=lambda: process.returncode is not None
+        )
 
     async def _stop_process(self, record: LocalBackend) -> None:
         process, record.process = record.process, None
@@ -345,3 +332,22 @@ class LocalRuntime:
         return model is not None and (
             model.park in ("sleep1", "sleep2") or model.idle_timeout_s is not None
         )
+
+
+async def poll_until(
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    give_up: Callable[[], bool] = lambda: False,
+) -> bool:
+    """True once `check()` (plain or async) is true; False after `timeout` seconds or as soon
+    as `give_up()` is (the process died, the backend went away)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and not give_up():
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        await asyncio.sleep(POLL_S)
+    return False
