@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import plots
-from common import switchyard_up
+from common import follow_rollout, switchyard_up
 
 MODEL = "llama-3-8b"
 TOKENS = 8
@@ -145,14 +145,7 @@ async def canary_under_load(stack, args) -> dict:
         await asyncio.sleep(2.0)
         spec = {"model": MODEL, "to": "v2", "strategy": "canary", "steps": steps}
         started = time.time()
-        async with admin.post(f"{stack.admin}/v1/rollouts", json=spec) as response:
-            doc = await response.json()
-            if response.status != 201:
-                raise SystemExit(f"POST /v1/rollouts: {response.status} {doc}")
-        while doc["phase"] in ("progressing", "paused"):
-            await asyncio.sleep(0.1)
-            async with admin.get(f"{stack.admin}/v1/rollouts/{doc['id']}") as response:
-                doc = await response.json()
+        doc = await follow_rollout(admin, stack.admin, spec)
         await asyncio.sleep(2.0)
     load.stopping = True
     await runner
@@ -231,7 +224,7 @@ def report(result: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pause", type=float, default=12, help="seconds at 10 % and at 50 %")
+    parser.add_argument("--pause", type=float, default=12, help="seconds at 10 %% and at 50 %%")
     parser.add_argument("--sdk-clients", type=int, default=8, help="openai SDK clients")
     parser.add_argument("--raw-clients", type=int, default=24, help="aiohttp clients")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")

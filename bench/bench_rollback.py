@@ -31,7 +31,7 @@ from pathlib import Path
 
 import aiohttp
 from bench_weights import histogram
-from common import percentile, switchyard_up
+from common import follow_rollout, percentile, switchyard_up
 
 MODELS = ("llama-3-8b", "mistral-7b")
 MAX_TOKENS = 10
@@ -204,14 +204,7 @@ async def canary_under_load(stack, model: str, source: str, to: str, clients: in
         await asyncio.sleep(1.0)
         spec = {"model": model, "to": to, "strategy": "canary", "steps": WALK}
         started = time.monotonic()
-        async with admin.post(f"{stack.admin}/v1/rollouts", json=spec) as response:
-            doc = await response.json()
-            if response.status != 201:
-                raise SystemExit(f"POST /v1/rollouts: {response.status} {doc}")
-        while doc["phase"] in ("progressing", "paused"):
-            await asyncio.sleep(0.02)
-            async with admin.get(f"{stack.admin}/v1/rollouts/{doc['id']}") as response:
-                doc = await response.json()
+        doc = await follow_rollout(admin, stack.admin, spec, poll=0.02)
         walked = time.monotonic() - started
         await asyncio.sleep(1.0)
     load.stopping = True

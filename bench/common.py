@@ -6,6 +6,7 @@ benchmark fails half-way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -248,3 +249,16 @@ def run_wrk(url: str, body: str, connections: int, threads: int, seconds: int) -
     for pct in ("50", "90", "99"):
         result[f"p{pct}"] = _ms(re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M).group(1))
     return result
+
+
+async def follow_rollout(admin, base: str, spec: dict, poll: float = 0.1) -> dict:
+    """POST a rollout spec and poll it until it ends; its final document (exit on a 4xx)."""
+    async with admin.post(f"{base}/v1/rollouts", json=spec) as response:
+        doc = await response.json()
+        if response.status != 201:
+            raise SystemExit(f"POST /v1/rollouts: {response.status} {doc}")
+    while doc["phase"] in ("progressing", "paused"):
+        await asyncio.sleep(poll)
+        async with admin.get(f"{base}/v1/rollouts/{doc['id']}") as response:
+            doc = await response.json()
+    return doc
