@@ -190,7 +190,7 @@ class Controller:
             model.spec = config
             # Known from before a restart (a Kubernetes runtime registers its catalogue
             # again): its saved traffic wins over the defaults of `config`.
-            self.store.restore_models(State({model.name: model}))
+            self.store.restore_model(model)
             self.state.models[model.name] = model
             try:
                 self.store.save([model])

@@ -98,38 +98,16 @@ class Store:
             raise Unavailable(f"cannot persist the change: {exc}") from None
 
     def restore_models(self, state: State) -> None:
-        """Apply saved weights onto the configured models where they still fit.
-
-        A saved split that names versions the config no longer has is ignored (the config's
-        weights win) and logged, rather than routing to a version that does not exist.
-        """
+        """Apply saved traffic onto the configured models where it still fits, and bring
+        back the models added at run time."""
         for name, doc_json in self._db.execute("SELECT name, doc FROM models").fetchall():
-            doc = json.loads(doc_json)
-            model = state.models.get(name)
-            if model is None and doc.get("spec"):
-                spec = ModelConfig.model_validate(doc["spec"])
-                model = state.models[name] = Model.from_config(spec)
-                model.spec = spec
-            if model is None:
-                continue
-            _replay_versions(model, doc)
-            weights = doc["weights"]
-            if set(weights) != set(model.versions) or sum(weights.values()) != 100:
-                logs.event(log, "store.weights_ignored", model=name, saved=json.dumps(weights))
-                continue
-            for version, weight in weights.items():
-                model.versions[version].weight = weight
-            if doc.get("stable") in model.versions:
-                model.stable = doc["stable"]
-            if doc.get("last_good") in model.versions:
-                model.last_good = doc["last_good"]
-            policy = TrafficPolicy.from_json(doc.get("policy"))
-            if policy.mirror_to is None or policy.mirror_to in model.versions:
-                model.policy = policy
-            logs.event(log, "store.model_restored", model=name, weights=json.dumps(weights))
+            _restore(state, name, json.loads(doc_json))
 
-    def delete_model(self, name: str) -> None:
-        self._db.execute("DELETE FROM models WHERE name = ?", (name,))
+    def restore_model(self, model: Model) -> None:
+        """Apply the saved traffic of one model, if it has any (a model added again)."""
+        row = self._db.execute("SELECT doc FROM models WHERE name = ?", (model.name,)).fetchone()
+        if row is not None:
+            _restore(State({model.name: model}), model.name, json.loads(row[0]))
 
     def rollouts(
         self, model: str | None = None, active: bool | None = None, limit: int = 200
@@ -149,6 +127,34 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _restore(state: State, name: str, doc: dict[str, Any]) -> None:
+    """One saved model onto `state`. A saved split that names versions the model no longer
+    has is ignored (the config's weights win) and logged, rather than routing to a version
+    that does not exist."""
+    model = state.models.get(name)
+    if model is None and doc.get("spec"):
+        spec = ModelConfig.model_validate(doc["spec"])
+        model = state.models[name] = Model.from_config(spec)
+        model.spec = spec
+    if model is None:
+        return
+    _replay_versions(model, doc)
+    weights = doc["weights"]
+    if set(weights) != set(model.versions) or sum(weights.values()) != 100:
+        logs.event(log, "store.weights_ignored", model=name, saved=json.dumps(weights))
+        return
+    for version, weight in weights.items():
+        model.versions[version].weight = weight
+    if doc.get("stable") in model.versions:
+        model.stable = doc["stable"]
+    if doc.get("last_good") in model.versions:
+        model.last_good = doc["last_good"]
+    policy = TrafficPolicy.from_json(doc.get("policy"))
+    if policy.mirror_to is None or policy.mirror_to in model.versions:
+        model.policy = policy
+    logs.event(log, "store.model_restored", model=name, weights=json.dumps(weights))
 
 
 def _replay_versions(model: Model, doc: dict[str, Any]) -> None:
