@@ -61,6 +61,8 @@ class _Saved:
 
 ACK_TIMEOUT_S = 10.0
 PARKED_STATES = ("sleeping", "waking", "stopped")
+PARK_GRACE_S = 1.5  # after its weight went to 0, before a version may be parked
+DRAIN_TIMEOUT_S = 60.0  # the longest a park waits for the version's requests to finish
 
 
 class Controller:
@@ -283,11 +285,12 @@ class Controller:
         or 2 (the process stays, the GPU is freed), stopped, or kept running. Failures are
         logged, never raised: parking only saves resources."""
         model = self.state.models.get(model_name)
-        version = model.versions.get(version_name) if model else None
-        if self.runtime is None or model is None or version is None or model.park == "keep":
+        if self.runtime is None or model is None or model.park == "keep":
             return
-        if version.weight or model.policy.mirror_to == version_name:
-            return  # it serves again (a new rollout or weight change came first)
+        await self._drained(model_name, version_name)
+        version = model.versions.get(version_name)
+        if version is None or version.weight or model.policy.mirror_to == version_name:
+            return  # gone, or it serves again (a new rollout or weight change came first)
         try:
             if model.park == "stop":
                 await self.runtime.scale(model_name, version_name, 0)
@@ -296,6 +299,20 @@ class Controller:
         except SwitchyardError as exc:
             logs.event(log, "backend.park_failed", logging.WARNING, model=model_name,
                        version=version_name, error=exc.message)  # fmt: skip
+
+    async def _drained(self, model_name: str, version_name: str) -> None:
+        """Let the requests Envoy sent the version before it lost its weight arrive and
+        finish (streams run for minutes): wait until none is in flight, at most
+        DRAIN_TIMEOUT_S. Figures come from Envoy's stats and vLLM's metrics, each a second
+        apart, hence the grace first."""
+        await asyncio.sleep(PARK_GRACE_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while loop.time() < deadline:
+            figures = self.health.window(model_name, version_name, PARK_GRACE_S)
+            if not figures.in_flight and not figures.running:
+                return
+            await asyncio.sleep(0.2)
 
     async def wake(self, model_name: str, version_name: str) -> float:
         """Wake a parked version; the seconds it took (0 when it was not parked)."""
