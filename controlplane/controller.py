@@ -144,6 +144,7 @@ class Controller:
             for model in models:
                 apply_weights(model, changes[model.name].weights)
                 model.policy = changes[model.name].policy
+                model.traffic_generation += 1
             try:
                 self.store.save(models, rollouts or [])
                 snapshot = self.rebuild()
@@ -280,17 +281,24 @@ class Controller:
 
     # -- parking -------------------------------------------------------------------------------
 
-    async def park(self, model_name: str, version_name: str) -> None:
+    async def park(self, model_name: str, version_name: str, generation: int) -> None:
         """Park a version nobody routes to, as the model's `park` says: vLLM sleep level 1
-        or 2 (the process stays, the GPU is freed), stopped, or kept running. Failures are
-        logged, never raised: parking only saves resources."""
+        or 2 (the process stays, the GPU is freed), stopped, or kept running. `generation`
+        is the model's traffic_generation the decision was taken on: any traffic change
+        since (a new rollout, a weight change) cancels it. Failures are logged, never
+        raised: parking only saves resources."""
         model = self.state.models.get(model_name)
         if self.runtime is None or model is None or model.park == "keep":
             return
-        await self._drained(model_name, version_name)
-        version = model.versions.get(version_name)
-        if version is None or version.weight or model.policy.mirror_to == version_name:
-            return  # gone, or it serves again (a new rollout or weight change came first)
+
+        def unchanged() -> bool:
+            return model.traffic_generation == generation and version_name in model.versions
+
+        await self._drained(model_name, version_name, unchanged)
+        if not unchanged():
+            logs.event(log, "backend.park_skipped", model=model_name, version=version_name,
+                       reason="traffic changed since")  # fmt: skip
+            return
         try:
             if model.park == "stop":
                 await self.runtime.scale(model_name, version_name, 0)
@@ -300,15 +308,15 @@ class Controller:
             logs.event(log, "backend.park_failed", logging.WARNING, model=model_name,
                        version=version_name, error=exc.message)  # fmt: skip
 
-    async def _drained(self, model_name: str, version_name: str) -> None:
+    async def _drained(self, model_name: str, version_name: str, unchanged) -> None:
         """Let the requests Envoy sent the version before it lost its weight arrive and
         finish (streams run for minutes): wait until none is in flight, at most
-        DRAIN_TIMEOUT_S. Figures come from Envoy's stats and vLLM's metrics, each a second
-        apart, hence the grace first."""
+        DRAIN_TIMEOUT_S, or until `unchanged()` says the decision is stale. Figures come
+        from Envoy's stats and vLLM's metrics, each a second apart, hence the grace first."""
         await asyncio.sleep(PARK_GRACE_S)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while loop.time() < deadline:
+        while loop.time() < deadline and unchanged():
             figures = self.health.window(model_name, version_name, PARK_GRACE_S)
             if not figures.in_flight and not figures.running:
                 return

@@ -96,6 +96,8 @@ class Model:
     alerts: AlertThresholds | None = None
     spec: ModelConfig | None = None  # set when the model was added at run time (persisted)
     removed: set[str] = field(default_factory=set)  # configured versions removed at run time
+    # Bumped by every traffic change: work decided on older traffic (parking) is dropped.
+    traffic_generation: int = 0
 
     @property
     def weights(self) -> dict[str, int]:

@@ -156,6 +156,7 @@ def start_switchyard(
             cwd=config_path.parent,
         )
     running = Running(process, config_path, config, log_path, env or {})
+    RUNNING.append(running)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log_path.read_text()
@@ -176,6 +177,33 @@ def switchyard(command: str, directory: Path, models: list[dict], env: dict | No
         yield running
     finally:
         running.stop()
+        RUNNING.remove(running)
+
+
+def near_share(count: int, total: int, share: float, sigmas: float = 4.5) -> bool:
+    """Is `count` of `total` requests what a random split at `share` gives? Envoy picks a
+    weighted cluster at random per request, so the bound is binomial: 4.5 standard
+    deviations fail a correct split about once in 150,000 checks, a wrong one at once."""
+    spread = sigmas * (share * (1 - share) / total) ** 0.5
+    return abs(count / total - share) <= spread
+
+
+RUNNING: list[Running] = []  # the stacks alive now, whose logs explain a failing test
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test shows what its stacks logged above INFO: the cause is often there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for running in RUNNING:
+        lines = running.log_path.read_text(errors="replace").splitlines()
+        notable = [line for line in lines if line.split(" ", 2)[1:2] != ["info"]]
+        if notable:
+            report.sections.append((f"switchyard log {running.log_path.name}",
+                                    "\n".join(notable[-80:])))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from tests.conftest import http_json, switchyard, wait_until
+from tests.conftest import http_json, near_share, switchyard, wait_until
 
 MODELS = [
     {
@@ -91,7 +91,7 @@ def test_canary_split_follows_each_step_and_the_gate_holds(stack, clean):
     )
     wait_phase(stack, rollout["id"], "paused")
     served = observed(stack)
-    assert abs(served["v2"] / 400 - 0.20) <= 0.07, served
+    assert near_share(served["v2"], 400, 0.20), served
     time.sleep(0.3)
     assert wait_phase(stack, rollout["id"], "paused")["weights"] == {"v1": 80, "v2": 20}
 
@@ -99,7 +99,7 @@ def test_canary_split_follows_each_step_and_the_gate_holds(stack, clean):
     wait_until(lambda: stack.api("GET", f"/v1/rollouts/{rollout['id']}")[1]["weights"]["v2"] == 60)
     wait_phase(stack, rollout["id"], "paused")
     served = observed(stack)
-    assert abs(served["v2"] / 400 - 0.60) <= 0.07, served
+    assert near_share(served["v2"], 400, 0.60), served
 
     status, done = stack.api("POST", f"/v1/rollouts/{rollout['id']}/promote")
     assert status == 200 and done["phase"] == "succeeded"

@@ -210,6 +210,36 @@ def test_the_old_stable_sleeps_after_a_rollout_and_a_rollback_wakes_it(tmp_path)
         assert served_by(client_for(stack)) == "v1"
 
 
+def test_a_traffic_change_before_parking_keeps_the_old_stable_awake(tmp_path):
+    """Parking waits for the old stable to drain; a rollout started meanwhile (which leaves
+    it at 0 % as its `from`) must not find its rollback target put to sleep under it."""
+    models = [{"name": "llama-3-8b", "versions": [
+        {"name": "v1", "weight": 100, "backend": {"sim": {}}},
+        {"name": "v2", "weight": 0, "backend": {"sim": {}}},
+    ]}]  # fmt: skip
+    with switchyard("up", tmp_path, models) as stack:
+        status, first = stack.api("POST", "/v1/rollouts",
+                                  {"model": "llama-3-8b", "to": "v2", "strategy": "immediate"})
+        assert status == 201
+        wait_until(lambda: stack.api("GET", f"/v1/rollouts/{first['id']}")[1]["phase"]
+                   == "succeeded", message="first rollout done")  # fmt: skip
+        status, body = stack.api("PUT", "/v1/models/llama-3-8b/weights",
+                                 {"weights": {"v1": 100, "v2": 0}})
+        assert status == 200, body
+        status, rollout = stack.api("POST", "/v1/rollouts", {
+            "model": "llama-3-8b", "to": "v2", "strategy": "canary",
+            "steps": [{"set_weight": 100}, {"pause": {}}],
+        })  # fmt: skip
+        assert status == 201, rollout
+        wait_until(lambda: "backend.park_skipped" in stack.log_path.read_text()
+                   or version_of(stack, "v1")["state"] != "active",
+                   timeout=20, message="the stale parking dropped or done")  # fmt: skip
+        assert version_of(stack, "v1")["state"] == "active"
+        assert not is_sleeping(version_of(stack, "v1")["endpoints"][0])
+        status, rollout = stack.api("GET", f"/v1/rollouts/{rollout['id']}")
+        assert rollout["phase"] == "paused" and rollout["weights"] == {"v1": 0, "v2": 100}
+
+
 def test_scale_to_zero_holds_the_next_request_while_waking(tmp_path):
     models = [
         {"name": "llama-3-8b", "idle_timeout_seconds": 1.5,

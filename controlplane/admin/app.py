@@ -307,6 +307,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             await response.write(
                 f"id: {event.id}\nevent: {event.type}\ndata: {payload}\n\n".encode()
             )
+    except ConnectionResetError:
+        pass  # the client went away: nothing to tell anyone
     finally:
         bus.unsubscribe(queue)
     return response

@@ -51,6 +51,8 @@ class LocalBackend:
     task: asyncio.Task | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0
+    # One sleep, wake or stop at a time: a wake_up must not overtake a sleep still in flight.
+    transition: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
@@ -101,6 +103,10 @@ class LocalRuntime:
 
     async def sleep(self, model: str, version: str, level: int) -> None:
         record = self._record(model, version)
+        async with record.transition:
+            await self._sleep(record, model, version, level)
+
+    async def _sleep(self, record: LocalBackend, model: str, version: str, level: int) -> None:
         if record.desired == "sleeping" or record.url is None or record.backend.url is not None:
             return  # asleep already, no process, or a url backend: not ours to put to sleep
         started = time.perf_counter()
@@ -119,6 +125,10 @@ class LocalRuntime:
 
     async def wake(self, model: str, version: str) -> float:
         record = self._record(model, version)
+        async with record.transition:
+            return await self._wake(record, model, version)
+
+    async def _wake(self, record: LocalBackend, model: str, version: str) -> float:
         if record.desired == "active" and self.controller.state.model(model).versions[
             version
         ].ready:
@@ -146,6 +156,10 @@ class LocalRuntime:
         if replicas > 0:
             await self.wake(model, version)
             return
+        async with record.transition:
+            await self._stop(record, model, version)
+
+    async def _stop(self, record: LocalBackend, model: str, version: str) -> None:
         if record.desired == "stopped" or record.backend.url is not None:
             return
         self.controller.set_endpoints(model, version, [], "stopped")

@@ -238,11 +238,14 @@ class RolloutEngine:
             await self._walk(doc, plan_for(spec_of(doc)), self._analysis(doc))
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("rollout.task_failed", extra={"fields": {"id": doc["id"]}})
             async with self._lock:
                 if doc["phase"] in ACTIVE:
-                    doc["message"] = "internal error in the rollout task, paused; see the logs"
+                    doc["message"] = (
+                        f"internal error in the rollout task ({type(exc).__name__}: {exc}), "
+                        "paused; see the logs"
+                    )
                     await self._commit(doc, "paused", "paused", doc["message"])
         finally:
             self._tasks.pop(doc["id"], None)
@@ -458,7 +461,9 @@ class RolloutEngine:
         if phase == "succeeded":
             model.stable, model.last_good = doc["to"], doc["from"]
             self.controller.store.save(models=[model])
-            self._background(self.controller.park(model.name, doc["from"]))
+            self._background(
+                self.controller.park(model.name, doc["from"], model.traffic_generation)
+            )
         _record(doc, event, message)
         if event == "promoted":
             self._emit("rollout.promoted", doc)
