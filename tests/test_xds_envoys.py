@@ -101,6 +101,12 @@ def synced(running: Running, nodes) -> bool:
     )
 
 
+def rds_nack(running: Running, node: str) -> dict | None:
+    """The NACK `node` sent for the routes, if it is connected and sent one."""
+    envoy = envoys_by_node(running).get(node)
+    return envoy and envoy["types"].get("rds", {}).get("nack")
+
+
 class PickyEnvoy(EnvoyProcess):
     """A real Envoy built without an extension our route configuration uses: it NACKs RDS."""
 
@@ -199,11 +205,7 @@ def test_a_weight_change_an_envoy_rejects_is_undone(fleet, reset):
     try:
         # It runs clusters and listener but refuses the routes (no traffic is sent meanwhile:
         # sharing the port, it would answer 404 for lack of routes).
-        def picky_rejects():
-            envoy = envoys_by_node(running).get("edge-old")
-            return envoy and envoy["types"].get("rds", {}).get("nack")
-
-        nack = wait_until(picky_rejects, 20, message="edge-old to NACK the routes")
+        nack = wait_until(lambda: rds_nack(running, "edge-old"), 20, message="edge-old to NACK")
         assert "previous_hosts" in nack["message"]
 
         status, body = running.api(
@@ -239,6 +241,62 @@ def test_a_weight_change_an_envoy_rejects_is_undone(fleet, reset):
     )
     assert status == 200, body
     assert served(running.proxy, 40) == Counter({"v2": 40})
+
+
+def test_refused_rollout_changes(fleet, reset):
+    """A step or a promotion an Envoy refuses is undone and the rollout pauses where it was
+    (resume carries on once the Envoy is gone); an abort, like an emergency rollback, stays
+    with the Envoys that took it and ends the rollout."""
+    running = fleet.running
+    status, rollout = running.api("POST", "/v1/rollouts", {
+        "model": MODEL, "to": "v2", "strategy": "canary",
+        "steps": [{"set_weight": 30}, {"pause": {"seconds": 3}}, {"set_weight": 60},
+                  {"pause": {}}],
+    })  # fmt: skip
+    assert status == 201, rollout
+    url = f"/v1/rollouts/{rollout['id']}"
+
+    def paused_at(v2: int, message: str = ""):
+        doc = running.api("GET", url)[1]
+        done = doc["phase"] == "paused" and doc["weights"]["v2"] == v2 and message in doc["message"]
+        return done and doc
+
+    def model_split() -> dict[str, int]:
+        return weights_of(running.api("GET", f"/v1/models/{MODEL}")[1])
+
+    wait_until(lambda: running.api("GET", url)[1]["weights"]["v2"] == 30, message="at 30")
+    picky = PickyEnvoy(fleet.directory, running.config_path, "edge-old", fleet.spare_port)
+    try:  # joins during the timed pause: the step to 60 is refused
+        wait_until(lambda: paused_at(30, "edge-old"), message="the refused step to pause")
+        assert model_split() == {"v1": 70, "v2": 30}
+        status, body = running.api("POST", f"{url}/resume")
+        assert status == 502 and paused_at(30), body
+    finally:
+        picky.stop()
+    wait_until(lambda: "edge-old" not in envoys_by_node(running), 15, message="edge-old to leave")
+    assert running.api("POST", f"{url}/resume")[0] == 200
+    wait_until(lambda: paused_at(60), message="the step once the Envoy is gone")
+
+    picky = PickyEnvoy(fleet.directory, running.config_path, "edge-old", fleet.spare_port)
+    try:
+        wait_until(lambda: rds_nack(running, "edge-old"), 20, message="edge-old to NACK")
+        status, body = running.api("POST", f"{url}/promote")
+        assert status == 502 and "edge-old" in body["error"]["message"], body
+        assert paused_at(60) and model_split() == {"v1": 40, "v2": 60}
+        assert running.api("GET", f"/v1/models/{MODEL}")[1]["stable"] == "v1"
+
+        status, body = running.api("POST", f"{url}/abort")
+        assert status == 502 and "keep it" in body["error"]["message"], body
+        status, after = running.api("GET", url)
+        assert (after["phase"], after["weights"]) == ("aborted", {"v1": 100, "v2": 0})
+        assert model_split() == {"v1": 100, "v2": 0}
+        assert running.api("GET", "/v1/rollouts?active=true")[1]["rollouts"] == []
+    finally:
+        picky.stop()
+        for active in running.api("GET", "/v1/rollouts?active=true")[1]["rollouts"]:
+            running.api("POST", f"/v1/rollouts/{active['id']}/abort")
+    wait_until(lambda: "edge-old" not in envoys_by_node(running), 15, message="edge-old to leave")
+    assert served(running.proxy, 40) == Counter({"v1": 40})
 
 
 # -- in-process: a snapshot Envoy rejects ----------------------------------------------------

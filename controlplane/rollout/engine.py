@@ -154,14 +154,21 @@ class RolloutEngine:
             elif action == "resume":
                 self._resume_from_gate(doc)
                 await self._commit(doc, "resumed", "progressing", "resumed")
-            elif action == "promote":
-                await self._cancel_task(doc["id"])
-                await self._finish(
-                    doc, "succeeded", "promoted", "promoted: all traffic to the candidate"
-                )
             else:
                 await self._cancel_task(doc["id"])
-                await self._finish(doc, "aborted", "aborted", "aborted: all traffic back")
+                try:
+                    if action == "promote":
+                        await self._finish(
+                            doc, "succeeded", "promoted", "promoted: all traffic to the candidate"
+                        )
+                    else:
+                        await self._finish(doc, "aborted", "aborted", "aborted: all traffic back")
+                except SwitchyardError:
+                    if doc["phase"] in ACTIVE:  # refused and undone: the rollout carries on
+                        self._spawn(doc)
+                    raise
+        if doc["phase"] in ACTIVE and rollout_id not in self._tasks:
+            self._spawn(doc)  # its task had stopped on an error (see _halt)
         self._wake_task(rollout_id)
         return doc
 
@@ -238,17 +245,30 @@ class RolloutEngine:
             await self._walk(doc, plan_for(spec_of(doc)), self._analysis(doc))
         except asyncio.CancelledError:
             raise
+        except EnvoyRejected as exc:  # the change was undone, or kept by those who took it
+            logs.event(log, "rollout.envoy_rejected", logging.WARNING, id=doc["id"],
+                       error=exc.message)  # fmt: skip
+            await self._halt(doc, f"{exc.message}; paused")
         except Exception as exc:
             log.exception("rollout.task_failed", extra={"fields": {"id": doc["id"]}})
-            async with self._lock:
-                if doc["phase"] in ACTIVE:
-                    doc["message"] = (
-                        f"internal error in the rollout task ({type(exc).__name__}: {exc}), "
-                        "paused; see the logs"
-                    )
-                    await self._commit(doc, "paused", "paused", doc["message"])
+            await self._halt(
+                doc, f"internal error in the rollout task ({type(exc).__name__}: {exc}), "
+                "paused; see the logs",
+            )  # fmt: skip
         finally:
             self._tasks.pop(doc["id"], None)
+
+    async def _halt(self, doc: dict[str, Any], message: str) -> None:
+        """Pause a rollout whose task failed, at the weights Envoy runs; no push (the failure
+        may be the push), so an operator can resume, promote or abort it."""
+        async with self._lock:
+            if doc["phase"] not in ACTIVE:
+                return
+            doc["weights"] = dict(self._model(doc).weights)
+            doc["phase"], doc["message"] = "paused", message
+            _record(doc, "paused", message)
+            self.controller.store.save(rollouts=[_touch(doc)])
+            self._emit("rollout.paused", doc)
 
     def _analysis(self, doc: dict[str, Any]) -> Analysis | None:
         return self.analysis_for(doc) if doc.get("analysis") else None
@@ -438,12 +458,19 @@ class RolloutEngine:
         self, doc, event: str, phase: str, message: str, policy: TrafficPolicy | None = None
     ) -> None:
         """Persist and push `doc`'s phase and weights; record it once every Envoy ACKed."""
-        doc["phase"], doc["message"] = phase, message
         model = self._model(doc)
+        before = doc["phase"], doc["message"]
+        doc["phase"], doc["message"] = phase, message
         keep = policy if policy is not None else model.policy
-        await self.controller.apply_traffic(
-            {model.name: Traffic(doc["weights"], keep)}, rollouts=[_touch(doc)]
-        )
+        try:
+            await self.controller.apply_traffic(
+                {model.name: Traffic(doc["weights"], keep)}, rollouts=[_touch(doc)]
+            )
+        except EnvoyRejected:  # undone: the rollout stays as it was
+            doc["phase"], doc["message"] = before
+            doc["weights"] = dict(model.weights)
+            self.controller.store.save(rollouts=[doc])
+            raise
         _record(doc, event, message)
         self.controller.store.save(rollouts=[doc])
         self._emit(f"rollout.{event}", doc)
@@ -453,11 +480,25 @@ class RolloutEngine:
         """End a rollout: succeeded (candidate 100 %), or aborted / rolled back (`from` 100 %)."""
         model = self._model(doc)
         winner = doc["to"] if phase == "succeeded" else doc["from"]
-        doc["weights"] = _all_to(model, winner)
-        doc["phase"], doc["message"], doc["pause_until"] = phase, message, None
-        await self.controller.apply_traffic(
-            {model.name: Traffic(doc["weights"], TrafficPolicy())}, rollouts=[_touch(doc)]
-        )
+        before = {key: doc[key] for key in ("weights", "phase", "message", "pause_until")}
+        doc.update(weights=_all_to(model, winner), phase=phase, message=message, pause_until=None)
+        # Persisted with the push, so a crash while waiting for the ACKs still ends the
+        # rollout; the history entry follows the ACKs. A refused promotion is undone; a
+        # refused abort or rollback stays with the Envoys that took it (as emergency ones do).
+        try:
+            await self.controller.apply_traffic(
+                {model.name: Traffic(doc["weights"], TrafficPolicy())},
+                rollouts=[_touch(doc)],
+                undo_on_reject=phase == "succeeded",
+            )
+        except EnvoyRejected:
+            if phase == "succeeded":
+                doc.update(before)
+                self.controller.store.save(rollouts=[doc])
+            else:
+                _record(doc, event, message)
+                self._close(doc, phase)
+            raise
         if phase == "succeeded":
             model.stable, model.last_good = doc["to"], doc["from"]
             self.controller.store.save(models=[model])
