@@ -274,11 +274,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="for the injection phases")
     parser.add_argument("--verbose", action="store_true", help="print every run")
     parser.add_argument("--no-plot", action="store_true", help="skip the timeline PNG")
+    parser.add_argument(
+        "--stats-flush", type=float, default=1.0,
+        help="health.stats_flush_seconds: how often Envoy reports (0.25-1)",
+    )  # fmt: skip
     args = parser.parse_args()
+    base = {"health": {"stats_flush_seconds": args.stats_flush}}
 
     with (
         tempfile.TemporaryDirectory(prefix="bench-auto-rollback-") as tmp,
-        switchyard_up(Path(tmp), model_config()) as stack,
+        switchyard_up(Path(tmp), model_config(), base=base) as stack,
     ):
         model = api("GET", f"{stack.admin}/v1/models/{MODEL}")[1]
         candidate = next(v for v in model["versions"] if v["name"] == "v2")["endpoints"][0]
@@ -299,8 +304,10 @@ def main() -> None:
                             f"slow {row['slow']}, window {row['window']}",
                             flush=True,
                         )
-    print(f"automatic rollback, 1 Envoy, canary at 50 %, ~{args.rate:g} req/s open-loop load, "
-          f"analysis {json.dumps(ANALYSIS)}")  # fmt: skip
+    print(
+        f"automatic rollback, 1 Envoy flushing stats every {args.stats_flush:g} s, canary at "
+        f"50 %, ~{args.rate:g} req/s open-loop load, analysis {json.dumps(ANALYSIS)}"
+    )
     for fault, rows in results.items():
         if rows:
             summary(rows, fault)

@@ -212,8 +212,16 @@ class Notifications(Strict):
     webhooks: list[Webhook] = []
 
 
+class HealthSettings(Strict):
+    # How often every Envoy pushes its stats (its `stats_flush_interval`): the resolution of
+    # the health analysis. 0.5 halves the time to see a fault, for twice the stats traffic
+    # (docs/health.md). Longer would leave "about a second" behind, hence at most 1.
+    stats_flush_seconds: float = Field(1.0, ge=0.25, le=1.0)
+
+
 class Config(Strict):
     listen: Listen = Listen()
+    health: HealthSettings = HealthSettings()
     notifications: Notifications = Notifications()
     state_dir: StrictStr = ".switchyard"
     runtime: Literal["local", "kubernetes"] = "local"

@@ -35,6 +35,7 @@ def render_bootstrap(
         admin_port=admin_port,
         xds_host=xds_host,
         xds_port=xds_port,
+        stats_flush_interval=f"{config.health.stats_flush_seconds:g}s",
     )
 
 

@@ -93,6 +93,7 @@ def test_defaults_and_backend_kinds():
         ({"models": [_model(("v 1", 100))]}, "letters, digits"),
         ({"runtime": "docker"}, "runtime: Input should be 'local' or 'kubernetes'"),
         ({"models": [{"name": "x", "versions": []}]}, "models[x].versions"),
+        ({"health": {"stats_flush_seconds": 5}}, "health.stats_flush_seconds"),
     ],
 )
 def test_invalid_documents_name_the_key(document, expected):

@@ -217,6 +217,15 @@ async def wait_for(predicate, timeout: float = 10.0, message: str = ""):
     raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
 
 
+def flush_interval(admin_port: int) -> str:
+    """The stats_flush_interval of the bootstrap that Envoy runs, from its config dump."""
+    url = f"http://127.0.0.1:{admin_port}/config_dump"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        dump = json.load(response)
+    bootstrap = next(c for c in dump["configs"] if c["@type"].endswith("BootstrapConfigDump"))
+    return bootstrap["bootstrap"]["stats_flush_interval"]
+
+
 def admin_completed(admin_port: int) -> int:
     """One Envoy's own count for llama-3-8b@v1 (cumulative), from its admin port."""
     stat = rf"^cluster\.{re.escape(stats_name(MODEL))}@v1\.upstream_rq_completed$"
@@ -233,7 +242,7 @@ async def test_real_envoys_stream_counts_errors_latency(tmp_path: Path) -> None:
             {"name": "v2", "weight": 0, "backend": {"sim": {}}},
         ]},
     ]  # fmt: skip
-    config_path, raw = write_config(tmp_path, models)
+    config_path, raw = write_config(tmp_path, models, health={"stats_flush_seconds": 0.5})
     stack = Stack(parse_config(raw), with_envoy=True, node_id="edge-1")
     extra: EnvoyProcess | None = None
     await stack.start()
@@ -294,6 +303,9 @@ async def test_real_envoys_stream_counts_errors_latency(tmp_path: Path) -> None:
             "edge-2 to apply the configuration",
         )
         envoy_ports = (int(raw["listen"]["envoy_admin"].rsplit(":", 1)[1]), admin_port)
+        # Both Envoys flush as often as the config says (`health.stats_flush_seconds`).
+        for port in envoy_ports:
+            assert await asyncio.to_thread(flush_interval, port) == "0.500s"
         before = [await asyncio.to_thread(admin_completed, p) for p in envoy_ports]
         assert await post_completions(proxy, 40) == [200] * 40
         await counted(requests + 80, errors + 10)
