@@ -148,27 +148,26 @@ class RolloutEngine:
                 raise Conflict(f"cannot {action} a rollout that is {doc['phase']}", field="phase")
             if target == doc["phase"]:
                 return doc  # a repeat: nothing to do
-            if action == "pause":
-                self._hold_pause_timer(doc)
-                await self._commit(doc, "paused", "paused", "paused by request")
-            elif action == "resume":
-                self._resume_from_gate(doc)
-                await self._commit(doc, "resumed", "progressing", "resumed")
-            else:
-                await self._cancel_task(doc["id"])
-                try:
-                    if action == "promote":
-                        await self._finish(
-                            doc, "succeeded", "promoted", "promoted: all traffic to the candidate"
-                        )
-                    else:
-                        await self._finish(doc, "aborted", "aborted", "aborted: all traffic back")
-                except SwitchyardError:
-                    if doc["phase"] in ACTIVE:  # refused and undone: the rollout carries on
-                        self._spawn(doc)
-                    raise
-        if doc["phase"] in ACTIVE and rollout_id not in self._tasks:
-            self._spawn(doc)  # its task had stopped on an error (see _halt)
+            try:
+                if action == "pause":
+                    self._hold_pause_timer(doc)
+                    await self._commit(doc, "paused", "paused", "paused by request")
+                elif action == "resume":
+                    self._resume_from_gate(doc)
+                    await self._commit(doc, "resumed", "progressing", "resumed")
+                elif action == "promote":
+                    await self._cancel_task(doc["id"])
+                    await self._finish(
+                        doc, "succeeded", "promoted", "promoted: all traffic to the candidate"
+                    )
+                else:
+                    await self._cancel_task(doc["id"])
+                    await self._finish(doc, "aborted", "aborted", "aborted: all traffic back")
+            finally:
+                # A rollout still active has a task: after a refused promotion (its task was
+                # cancelled) and on resume after its task stopped on an error (see _halt).
+                if doc["phase"] in ACTIVE and rollout_id not in self._tasks:
+                    self._spawn(doc)
         self._wake_task(rollout_id)
         return doc
 
