@@ -308,6 +308,19 @@ def wait_for_proxy(proxy_url: str, model: str = "llama-3-8b", timeout: float = 2
     wait_until(routed, timeout, message=f"{proxy_url} to route {model}")
 
 
+def complete_once(proxy_url: str, model: str = "llama-3-8b") -> tuple[int, str | None]:
+    """One completion through the proxy on its own connection: status and the version that
+    answered (a non-2xx answer raises urllib's HTTPError)."""
+    request = urllib.request.Request(
+        f"{proxy_url}/v1/completions",
+        data=json.dumps({"model": model, "prompt": "x", "max_tokens": 1}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.headers["x-switchyard-version"]
+
+
 def stop_process(process: subprocess.Popen, grace: float = 10) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds: no test leaves a process behind."""
     if process.poll() is None:

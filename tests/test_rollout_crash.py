@@ -28,6 +28,7 @@ import yaml
 from tests.conftest import (
     EnvoyProcess,
     Running,
+    complete_once,
     free_ports,
     start_switchyard,
     stop_process,
@@ -440,7 +441,7 @@ def test_a_crash_while_the_final_switch_awaits_the_ack_keeps_the_candidate_stabl
 
     def serving_v2() -> bool:
         try:
-            status, _, version = _complete(plane.proxy)
+            status, version = complete_once(plane.proxy)
         except OSError:
             status, version = None, None
         streak[:] = [*streak, version][-20:] if status == 200 else []
@@ -456,12 +457,3 @@ def _call(control: Running, path: str):
         return exc
 
 
-def _complete(proxy: str) -> tuple[int, bytes, str | None]:
-    request = urllib.request.Request(
-        f"{proxy}/v1/completions",
-        data=b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 1}',
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.status, response.read(), response.headers["x-switchyard-version"]

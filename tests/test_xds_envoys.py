@@ -30,6 +30,7 @@ from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapsh
 from tests.conftest import (
     EnvoyProcess,
     Running,
+    complete_once,
     free_ports,
     listen_ports,
     switchyard,
@@ -56,15 +57,9 @@ def served(proxy: str, count: int) -> Counter:
     """
     versions: Counter = Counter()
     for _ in range(count):
-        request = urllib.request.Request(
-            f"{proxy}/v1/completions",
-            data=b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 1}',
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
-            versions[response.headers["x-switchyard-version"]] += 1
+        status, version = complete_once(proxy)
+        assert status == 200
+        versions[version] += 1
     return versions
 
 
