@@ -1,4 +1,8 @@
-"""The local Envoy: its bootstrap, rendered from envoy/bootstrap.yaml, and its supervision."""
+"""The local Envoy: its bootstrap and its supervision.
+
+The bootstrap template is a real file of the package (controlplane/templates/bootstrap.yaml),
+so it ships in the wheel and the image; envoy/bootstrap.yaml links to it for readers.
+"""
 
 from __future__ import annotations
 
