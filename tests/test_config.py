@@ -120,3 +120,35 @@ def test_unreadable_and_malformed_files(tmp_path):
     bad.write_text("models: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_vllm_command_replaces_the_default_vllm_serve():
+    config = parse_config(
+        {"models": [{"name": "m", "versions": [{"name": "v1", "weight": 100, "backend": {
+            "vllm": {"model": "/models/tiny", "command": [
+                "python", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model}"]}}}]}]}
+    )  # fmt: skip
+    vllm = config.models[0].versions[0].backend.vllm
+    assert vllm.argv() == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                           "/models/tiny"]  # fmt: skip
+    default = parse_config(
+        {"models": [{"name": "m", "versions": [{"name": "v1", "weight": 100,
+                                                 "backend": {"vllm": {"model": "/m"}}}]}]}
+    )  # fmt: skip
+    assert default.models[0].versions[0].backend.vllm.argv() == ["vllm", "serve", "/m"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/sleep", "/wake_up", "/collective_rpc", "/sim/faults", "/v1/load_lora_adapter",
+             "/metrics", "/v1/../sleep", "//sleep", "/v1/x%2Fy", "/v1/rerank?x=1", "v1/rerank",
+             "/v1/chat/completions"],
+)  # fmt: skip
+def test_extra_paths_cannot_open_a_backend_admin_endpoint(path):
+    with pytest.raises(ConfigError, match=r"proxy\.extra_paths"):
+        parse_config({"proxy": {"extra_paths": [path]}})
+
+
+def test_extra_paths_are_routed_beside_the_openai_ones():
+    proxy = parse_config({"proxy": {"extra_paths": ["/v1/rerank", "/v1/score"]}}).proxy
+    assert proxy.post_paths[-2:] == ("/v1/rerank", "/v1/score")
+    assert "/v1/chat/completions" in proxy.post_paths

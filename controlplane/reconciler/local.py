@@ -328,7 +328,7 @@ class LocalRuntime:
             ]  # fmt: skip
         assert backend.vllm is not None
         argv = [
-            "vllm", "serve", backend.vllm.model, "--host", self.host, "--port", str(port),
+            *backend.vllm.argv(), "--host", self.host, "--port", str(port),
             "--served-model-name", record.model, *backend.vllm.args,
         ]  # fmt: skip
         if self._sleeps(record) and "--enable-sleep-mode" not in argv:
