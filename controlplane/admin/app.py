@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controlplane import logs, metrics
 from controlplane.admin import console, targets
+from controlplane.admin.keys import CONTROLLER, ENGINE, TOKEN
 from controlplane.admin.openapi import openapi_document
 from controlplane.config import ModelConfig, VersionConfig, validate_body
 from controlplane.controller import Controller
@@ -26,9 +27,6 @@ from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthoriz
 from controlplane.rollout.engine import TRANSITIONS, RolloutEngine
 
 log = logs.get("admin")
-CONTROLLER = web.AppKey("controller", Controller)
-ENGINE = web.AppKey("engine", RolloutEngine)
-TOKEN = web.AppKey("token", str)
 HEALTH_WINDOW_S = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from controlplane.admin.keys import CONTROLLER
+
 SD_PATH = "/sd/backends"
 
 
@@ -23,8 +25,6 @@ def add_routes(app: web.Application) -> None:
 
 async def backends(request: web.Request) -> web.Response:
     """The http_sd target groups: one per version with a ready backend."""
-    from controlplane.admin.app import CONTROLLER  # app.py imports this module
-
     return web.json_response(target_groups(request.app[CONTROLLER].state.models.values()))
 
 
