@@ -14,7 +14,7 @@ import pytest
 from controlplane.config import parse_config
 from controlplane.controller import Controller
 from controlplane.errors import Conflict, Invalid, NotFound
-from controlplane.rollout.analysis import ScriptedAnalysis, Verdict
+from controlplane.health.verdict import Verdict
 from controlplane.rollout.engine import RolloutEngine
 from controlplane.state import Endpoint
 
@@ -31,6 +31,19 @@ CONFIG = {
     ]
 }
 ANALYSIS = {"interval_seconds": 0.02, "min_requests": 1, "max_error_rate": 0.1}
+
+
+class ScriptedAnalysis:
+    """The engine's `Analysis`, answering verdicts from a list in order; the last repeats."""
+
+    def __init__(self, verdicts) -> None:
+        self._verdicts = list(verdicts)
+        self.calls = 0
+
+    async def evaluate(self, rollout) -> Verdict:
+        verdict = self._verdicts[min(self.calls, len(self._verdicts) - 1)]
+        self.calls += 1
+        return verdict
 
 
 def _controller(state_dir: Path, ready=("v1", "v2", "v3")) -> Controller:

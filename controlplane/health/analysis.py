@@ -42,8 +42,7 @@ import time
 from typing import Any
 
 from controlplane.health.signals import RETENTION_S, Figures, HealthSignals
-from controlplane.rollout.analysis import Verdict
-from controlplane.rollout.spec import AnalysisSpec
+from controlplane.health.verdict import AnalysisSpec, Verdict
 
 MIN_WINDOW_S = 3.0
 WINDOW_INTERVALS = 3

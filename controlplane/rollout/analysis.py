@@ -2,33 +2,17 @@
 
 An analysis answers one question about a rollout's candidate: `pass`, `fail` or
 `inconclusive` (not enough data: the rollout holds, it never advances on no data). It never
-touches routes itself; the engine turns verdicts into transitions.
+touches routes itself; the engine turns verdicts into transitions. `Verdict` is health's
+(`health/verdict.py`); `health.analysis.HealthAnalysis` is the analysis the service plugs in.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Result = Literal["pass", "fail", "inconclusive"]
+from controlplane.health.verdict import Verdict
 
-
-@dataclass(frozen=True)
-class Verdict:
-    result: Result
-    reason: str = ""
-    figures: dict[str, Any] = field(default_factory=dict)
-    time: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "result": self.result,
-            "reason": self.reason,
-            "figures": self.figures,
-            "time": self.time,
-        }
+__all__ = ["Analysis", "NoAnalysis", "Verdict"]
 
 
 class Analysis(Protocol):
@@ -42,16 +26,3 @@ class NoAnalysis:
 
     async def evaluate(self, rollout: dict[str, Any]) -> Verdict:
         return Verdict("pass", "no analysis configured")
-
-
-class ScriptedAnalysis:
-    """Verdicts from a list, in order; the last one repeats. For tests and demos."""
-
-    def __init__(self, verdicts: Iterable[Verdict]) -> None:
-        self._verdicts = list(verdicts)
-        self.calls = 0
-
-    async def evaluate(self, rollout: dict[str, Any]) -> Verdict:
-        verdict = self._verdicts[min(self.calls, len(self._verdicts) - 1)]
-        self.calls += 1
-        return verdict

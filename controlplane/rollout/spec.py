@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from controlplane.health.verdict import AnalysisSpec
+
 STRATEGIES = ("immediate", "gradual", "canary", "ab", "blue_green", "mirror")
 # Fields each strategy accepts beyond the common ones; anything else is a 422.
 STRATEGY_FIELDS = {
@@ -62,22 +64,6 @@ class Sticky(Strict):
         if (self.header is None) == (self.cookie is None):
             raise ValueError("give exactly one of header and cookie")
         return self
-
-
-class AnalysisSpec(Strict):
-    """Thresholds the candidate must keep; a figure left out is not checked."""
-
-    interval_seconds: float = Field(1.0, gt=0, le=3600)
-    min_requests: int = Field(20, ge=0)
-    failure_limit: int = Field(1, ge=1, description="consecutive failing verdicts that roll back")
-    max_error_rate: float | None = Field(None, ge=0, le=1)
-    max_latency_p95_ms: float | None = Field(None, gt=0)
-    max_ttft_p95_ms: float | None = Field(None, gt=0)
-    max_itl_p95_ms: float | None = Field(None, gt=0)
-    max_latency_ratio: float | None = Field(None, gt=0)
-    max_ttft_ratio: float | None = Field(None, gt=0)
-    max_error_rate_delta: float | None = Field(None, ge=0, le=1)
-    unready_grace_seconds: float = Field(10.0, ge=0)
 
 
 class RolloutSpec(Strict):
