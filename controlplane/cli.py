@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -515,8 +516,7 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
         rollout = api(args, "GET", f"/v1/rollouts/{args.id}")
         _print_json(rollout) if args.json else print(progress_line(rollout))
         return 0
-    query = "?active=true" + (f"&model={args.model}" if args.model else "")
-    rollouts = api(args, "GET", f"/v1/rollouts{query}")["rollouts"]
+    rollouts = active_rollouts(args, args.model)
     if args.json:
         _print_json({"rollouts": rollouts})
     elif not rollouts:
@@ -524,6 +524,17 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
     for rollout in [] if args.json else rollouts:
         print(progress_line(rollout))
     return 0
+
+
+def active_rollouts(args: argparse.Namespace, model: str | None) -> list[dict]:
+    """Every active rollout, following the API's pages."""
+    query, found = {"active": "true", **({"model": model} if model else {})}, []
+    while True:
+        page = api(args, "GET", f"/v1/rollouts?{urllib.parse.urlencode(query)}")
+        found += page["rollouts"]
+        if not page.get("next"):
+            return found
+        query["before"] = page["next"]
 
 
 def cmd_rollout_command(args: argparse.Namespace) -> int:

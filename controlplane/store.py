@@ -17,7 +17,7 @@ from typing import Any
 
 from controlplane import logs
 from controlplane.config import Backend, ModelConfig
-from controlplane.errors import Unavailable
+from controlplane.errors import Invalid, Unavailable
 from controlplane.state import Model, State, TrafficPolicy, Version
 
 log = logs.get("store")
@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS rollouts (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rollouts_by_model ON rollouts (model, created_at);
+CREATE INDEX IF NOT EXISTS rollouts_by_time ON rollouts (created_at, id);
 """
+PAGE_MAX = 1000  # the most rollouts one page may hold
 
 
 class Store:
@@ -110,9 +112,15 @@ class Store:
             _restore(State({model.name: model}), model.name, json.loads(row[0]))
 
     def rollouts(
-        self, model: str | None = None, active: bool | None = None, limit: int = 200
-    ) -> list[dict[str, Any]]:
-        """Rollout documents, newest first."""
+        self,
+        model: str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of rollout documents, newest first, and the cursor of the next page (None
+        on the last). `before` is a cursor: the id of the last rollout of the previous page;
+        Invalid (field `before`) when no rollout has that id."""
         query = "SELECT doc FROM rollouts WHERE 1=1"
         params: list[Any] = []
         if model is not None:
@@ -121,9 +129,33 @@ class Store:
         if active is not None:
             query += " AND active = ?"
             params.append(int(active))
-        query += " ORDER BY created_at DESC LIMIT ?"
-        params.append(limit)
-        return [json.loads(doc) for (doc,) in self._db.execute(query, params).fetchall()]
+        if before is not None:
+            row = self._db.execute(
+                "SELECT created_at FROM rollouts WHERE id = ?", (before,)
+            ).fetchone()
+            if row is None:
+                raise Invalid(f"unknown cursor {before!r}: give a `next` from a previous page",
+                              field="before")  # fmt: skip
+            query += " AND (created_at, id) < (?, ?)"
+            params += [row[0], before]
+        query += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)  # one more tells whether there is a next page
+        docs = [json.loads(doc) for (doc,) in self._db.execute(query, params).fetchall()]
+        if len(docs) > limit:
+            return docs[:limit], docs[limit - 1]["id"]
+        return docs, None
+
+    def active_rollouts(self) -> list[dict[str, Any]]:
+        """Every active rollout (at most one per model), oldest first: what a restart resumes."""
+        rows = self._db.execute(
+            "SELECT doc FROM rollouts WHERE active = 1 ORDER BY created_at, id"
+        ).fetchall()
+        return [json.loads(doc) for (doc,) in rows]
+
+    def rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout document by id, however old."""
+        row = self._db.execute("SELECT doc FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         self._db.close()

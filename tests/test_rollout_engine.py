@@ -200,7 +200,7 @@ async def test_bad_specs_name_the_field_and_start_nothing(engine, spec, field):
     with pytest.raises(Invalid) as caught:
         await eng.create(spec)
     assert caught.value.field == field
-    assert eng.list() == []
+    assert eng.list() == ([], None)
     assert eng.controller.state.models["chat"].active_rollout is None
 
 

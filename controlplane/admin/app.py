@@ -25,9 +25,11 @@ from controlplane.config import ModelConfig, VersionConfig, validate_body
 from controlplane.controller import Controller
 from controlplane.errors import BadRequest, Invalid, SwitchyardError, Unauthorized
 from controlplane.rollout.engine import TRANSITIONS, RolloutEngine
+from controlplane.store import PAGE_MAX
 
 log = logs.get("admin")
 HEALTH_WINDOW_S = 10.0
+PAGE_DEFAULT = 100  # rollouts per page of GET /v1/rollouts
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -212,13 +214,29 @@ async def create_rollout(request: web.Request) -> web.Response:
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
-    active = request.query.get("active")
+    """One page, newest first: `?limit=` (default 100), `?before=<next of the last page>`."""
+    query = request.query
+    active = query.get("active")
     if active not in (None, "true", "false"):
         raise Invalid("active must be true or false", field="active")
-    rollouts = request.app[ENGINE].list(
-        model=request.query.get("model"), active=None if active is None else active == "true"
-    )
-    return web.json_response({"rollouts": rollouts})
+    limit = _page_limit(query.get("limit"))
+    rollouts, cursor = request.app[ENGINE].list(
+        model=query.get("model"), active=None if active is None else active == "true",
+        limit=limit, before=query.get("before"),
+    )  # fmt: skip
+    return web.json_response({"rollouts": rollouts, "next": cursor})
+
+
+def _page_limit(text: str | None) -> int:
+    if text is None:
+        return PAGE_DEFAULT
+    try:
+        limit = int(text)
+    except ValueError:
+        raise Invalid(f"limit must be an integer, got {text!r}", field="limit") from None
+    if not 1 <= limit <= PAGE_MAX:
+        raise Invalid(f"limit must be from 1 to {PAGE_MAX}, got {limit}", field="limit")
+    return limit
 
 
 async def get_rollout(request: web.Request) -> web.Response:

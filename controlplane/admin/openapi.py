@@ -22,6 +22,7 @@ from controlplane.config import ModelConfig
 from controlplane.rollout.engine import PHASES, TRANSITIONS
 from controlplane.rollout.spec import REQUIRED_FIELDS, STRATEGIES, STRATEGY_FIELDS, RolloutSpec
 from controlplane.state import VERSION_STATES
+from controlplane.store import PAGE_MAX
 
 Schema = dict[str, Any]
 REF = "#/components/schemas/{model}"
@@ -244,8 +245,14 @@ MODEL_HEALTH: Schema = {
 }
 ROLLOUT_LIST: Schema = {
     "type": "object",
-    "required": ["rollouts"],
-    "properties": {"rollouts": {"type": "array", "items": _ref("Rollout")}},
+    "required": ["rollouts", "next"],
+    "properties": {
+        "rollouts": {"type": "array", "items": _ref("Rollout")},
+        "next": {
+            **_nullable({"type": "string"}),
+            "description": "the cursor of the next (older) page, for `before`; null on the last",
+        },
+    },
 }
 ENVOY: Schema = {
     "type": "object",
@@ -595,7 +602,7 @@ def _build() -> dict:
             "get": {
                 "operationId": "listRollouts",
                 "tags": ["rollouts"],
-                "summary": "Rollouts, newest first",
+                "summary": "Rollouts, newest first, one page at a time (follow `next`)",
                 "parameters": [
                     {"name": "model", "in": "query", "schema": {"type": "string"}},
                     {
@@ -603,6 +610,23 @@ def _build() -> dict:
                         "in": "query",
                         "schema": {"type": "boolean"},
                         "description": "true: only progressing or paused; false: only finished",
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_MAX,
+                            "default": 100,
+                        },
+                        "description": "rollouts per page",
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "a cursor: the `next` of the previous page (422 if unknown)",
                     },
                 ],
                 "responses": {
@@ -625,7 +649,7 @@ def _build() -> dict:
             "get": {
                 "operationId": "getRollout",
                 "tags": ["rollouts"],
-                "summary": "One rollout",
+                "summary": "One rollout, however old",
                 "parameters": [ROLLOUT_ID_PARAM],
                 "responses": {"200": _json(_ref("Rollout"), "the rollout"), **_errors(401, 404)},
             }

@@ -57,7 +57,7 @@ class RolloutEngine:
 
     async def start(self) -> None:
         """Resume the rollouts that were active when the control plane stopped."""
-        for doc in reversed(self.controller.store.rollouts(active=True)):
+        for doc in self.controller.store.active_rollouts():
             model = self.controller.state.models.get(doc["model"])
             if model is None or {doc["from"], doc["to"]} - set(model.versions):
                 doc.update(phase="aborted", message="model or version no longer configured")
@@ -78,15 +78,21 @@ class RolloutEngine:
     # -- queries -----------------------------------------------------------------------------
 
     def get(self, rollout_id: str) -> dict[str, Any]:
-        if rollout_id in self.rollouts:
-            return self.rollouts[rollout_id]
-        for doc in self.controller.store.rollouts():
-            if doc["id"] == rollout_id:
-                return doc
-        raise NotFound(f"unknown rollout {rollout_id!r}", field="id")
+        """An active rollout (the live document), else any stored one, however old."""
+        doc = self.rollouts.get(rollout_id) or self.controller.store.rollout(rollout_id)
+        if doc is None:
+            raise NotFound(f"unknown rollout {rollout_id!r}", field="id")
+        return doc
 
-    def list(self, model: str | None = None, active: bool | None = None) -> list[dict[str, Any]]:
-        return self.controller.store.rollouts(model=model, active=active)
+    def list(
+        self,
+        model: str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page, newest first, and the cursor of the next page (None on the last)."""
+        return self.controller.store.rollouts(model, active, limit, before)
 
     # -- commands ----------------------------------------------------------------------------
 
