@@ -172,6 +172,13 @@ rollout_step = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+webhook_drops = Counter(
+    "switchyard_webhook_events_dropped_total",
+    "Events a webhook receiver never got: `queue_full` (it fell 1,000 events behind, the "
+    "oldest waiting one was dropped) or `failed` (every delivery attempt failed)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 # The closed label sets (they mirror state.VERSION_STATES, xds SHORT_NAMES, the rollout spec's
@@ -186,9 +193,13 @@ ROLLBACK_REASONS = (
     "itl_p95_ms", "stalled", "unhealthy", "crashed",
 )  # fmt: skip
 
+WEBHOOK_DROP_REASONS = ("queue_full", "failed")
+
 for _type in XDS_TYPES:
     for _family in (xds_pushes, xds_acks, xds_nacks, xds_ack_latency):
         _family.labels(_type)
+for _reason in WEBHOOK_DROP_REASONS:
+    webhook_drops.labels(_reason)
 
 _seen_versions: set[tuple[str, str]] = set()
 
