@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import logs, metrics
-from controlplane.config import Config, ModelConfig, VersionConfig, split_hostport
+from controlplane.config import Config, ModelConfig, VersionConfig
 from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, SwitchyardError
 from controlplane.events import EventBus
 from controlplane.health.signals import HealthSignals
@@ -75,7 +75,7 @@ class Controller:
         self.events = EventBus()
         self.health = HealthSignals()  # fed by Envoy stats and vLLM scrapes
         self.xds = XdsServer(self.events)
-        self.proxy = ProxySettings(*split_hostport(config.listen.proxy))
+        self.proxy = ProxySettings.from_config(config)
         self.snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder(self.proxy)
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates

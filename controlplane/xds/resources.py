@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -43,19 +45,20 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import (
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
-from controlplane.config import RetryPolicy
+from controlplane.config import OPENAI_POST_PATHS, Config, RetryPolicy, split_hostport
 from controlplane.state import Model, State
 
 LISTENER_NAME = "switchyard"
 ROUTE_CONFIG_NAME = "switchyard"
 METADATA_NAMESPACE = "switchyard"
 VERSION_HEADER = "x-switchyard-version"
+PREVIEW_TOKEN_HEADER = "x-switchyard-preview-token"
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MISSING_MODEL = "__missing__"  # json_to_metadata's marker: JSON body without `model`
 INVALID_BODY = "__invalid__"  # json_to_metadata's marker: body is not JSON
+ANY_STRING = "\x00any string"  # _metadata_match: `model` is a string (whichever)
 # Long generations stream for minutes: no total timeout, but a stream silent this long is dead.
 STREAM_IDLE_TIMEOUT_S = 300
-# json_to_metadata buffers the request body; long prompts and images exceed Envoy's 1 MiB.
-BODY_BUFFER_LIMIT = 32 * 1024 * 1024
 # Active health checks (vLLM's GET /health): a backend is out after two failed checks, within
 # 2 s when its port refuses, about 3.5 s when it hangs (two 1 s timeouts, 1 s apart); one
 # good answer brings it back. Also while the version has no traffic (Envoy's default there is
@@ -102,10 +105,29 @@ def failover_order(model: Model, version: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ProxySettings:
-    """What the listener needs beyond the models: where to listen."""
+    """What the listener and the routes need beyond the models: where to listen, which paths
+    are public, how large a body may be, and the token a preview pin needs (if any)."""
 
     host: str
     port: int
+    post_paths: tuple[str, ...] = OPENAI_POST_PATHS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    preview_token: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxySettings:
+        proxy = config.proxy
+        return cls(
+            *split_hostport(config.listen.proxy),
+            post_paths=proxy.post_paths,
+            max_request_bytes=proxy.max_request_bytes,
+            preview_token=proxy.effective_preview_token(),
+        )
+
+    def public_path_regex(self) -> str:
+        """The `:path` header (query included) of a request the models' routes may take."""
+        alternatives = "|".join(re.escape(path) for path in self.post_paths)
+        return rf"^({alternatives})(\?.*)?$"
 
 
 def build_clusters(state: State) -> list[cluster_pb2.Cluster]:
@@ -290,11 +312,19 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
         ],
         stream_idle_timeout=duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S),
         request_timeout=duration_pb2.Duration(seconds=0),
+        # The routes see, and the backends get, one canonical path: `/v1/../sleep`, `//sleep`
+        # and `/v1%2F..%2Fsleep` are all `/sleep` before matching (and then a 404).
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD,
+        local_reply_config=_local_replies(),
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_address(proxy.host, proxy.port),
-        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BODY_BUFFER_LIMIT),
+        # json_to_metadata buffers the request body to read `model`; a body over this limit
+        # gets 413 (in the OpenAI shape: _local_replies).
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=proxy.max_request_bytes),
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[
@@ -308,12 +338,44 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
     )
 
 
+def _local_replies() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own 413 (body too large) in the OpenAI error shape, as the `openai` SDK reads
+    it. Only 413: every other answer Envoy makes itself is a route's direct response, already
+    in that shape (a mapper would rewrite those too)."""
+    too_large = _openai_error(
+        413, "The request body is larger than the proxy accepts (proxy.max_request_bytes).",
+        param=None, code="request_too_large",
+    )  # fmt: skip
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    status_code_filter=accesslog_pb2.StatusCodeFilter(
+                        comparison=accesslog_pb2.ComparisonFilter(
+                            op=accesslog_pb2.ComparisonFilter.EQ,
+                            value=base_pb2.RuntimeUInt32(default_value=413, runtime_key="_"),
+                        )
+                    )
+                ),
+                body_format_override=too_large.body_format,
+            )
+        ]
+    )
+
+
 def build_route_config(
-    state: State, routes_of: Callable[[Model], list[route_components_pb2.Route]] | None = None
+    state: State,
+    proxy: ProxySettings | None = None,
+    routes_of: Callable[[Model], list[route_components_pb2.Route]] | None = None,
 ) -> route_pb2.RouteConfiguration:
-    """The one route configuration; `routes_of` may serve per-model routes from a cache."""
+    """The one route configuration; `routes_of` may serve per-model routes from a cache.
+
+    Order: the model list; the gates (a method other than POST, a path outside the OpenAI API,
+    a pin without the preview token), so that only an OpenAI call ever reaches a model's
+    routes; the models; then the errors about the body's `model`."""
+    proxy = proxy or ProxySettings("127.0.0.1", 0)
     models_list = models_list_body(state)
-    routes = [_models_list_route(models_list)]
+    routes = [_models_list_route(models_list), *_gate_routes(proxy)]
     for model in state.models.values():
         routes.extend((routes_of or model_routes)(model))
     routes.extend(_error_routes())
@@ -322,11 +384,67 @@ def build_route_config(
         virtual_hosts=[
             route_components_pb2.VirtualHost(name="openai", domains=["*"], routes=routes)
         ],
+        # The preview token is for Envoy, never for the backends.
+        request_headers_to_remove=[PREVIEW_TOKEN_HEADER],
         # Envoy refuses direct responses over 4 KiB by default: about 40 models' list.
         max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(
             value=max(4096, len(models_list.encode()) + 1024)
         ),
     )
+
+
+@functools.cache
+def _gate_routes(proxy: ProxySettings) -> tuple[route_components_pb2.Route, ...]:
+    """404 for whatever is not an OpenAI call, 403 for a pin without the preview token.
+
+    A backend's own endpoints (vLLM's /sleep, /collective_rpc, the simulator's /sim/faults)
+    share its port with the OpenAI API: these routes are what keeps them private."""
+    routes = [
+        route_components_pb2.Route(
+            name="error/not-post",
+            match=route_components_pb2.RouteMatch(
+                prefix="/", headers=[_header_exact(":method", "POST", invert=True)]
+            ),
+            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
+        ),
+        route_components_pb2.Route(
+            name="error/not-openai",
+            match=route_components_pb2.RouteMatch(
+                prefix="/",
+                headers=[
+                    route_components_pb2.HeaderMatcher(
+                        name=":path",
+                        string_match=string_pb2.StringMatcher(
+                            safe_regex=regex_pb2.RegexMatcher(regex=proxy.public_path_regex())
+                        ),
+                        invert_match=True,
+                    )
+                ],
+            ),
+            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
+        ),
+    ]
+    if proxy.preview_token:
+        routes.append(
+            route_components_pb2.Route(
+                name="error/preview-forbidden",
+                match=route_components_pb2.RouteMatch(
+                    prefix="/",
+                    headers=[
+                        route_components_pb2.HeaderMatcher(name=VERSION_HEADER, present_match=True),
+                        _header_exact(PREVIEW_TOKEN_HEADER, proxy.preview_token, invert=True),
+                    ],
+                ),
+                direct_response=_openai_error(
+                    403,
+                    f"Pinning a version with {VERSION_HEADER} needs a valid"
+                    f" {PREVIEW_TOKEN_HEADER} header.",
+                    param=VERSION_HEADER,
+                    code="preview_forbidden",
+                ),
+            )
+        )
+    return tuple(routes)
 
 
 def model_routes(model: Model) -> list[route_components_pb2.Route]:
@@ -453,27 +571,20 @@ def _error_routes() -> tuple[route_components_pb2.Route, ...]:
             direct_response=_openai_error(400, "The request body is not valid JSON.", param=None),
         ),
         route_components_pb2.Route(
-            name="error/not-post",
-            match=route_components_pb2.RouteMatch(
-                prefix="/",
-                headers=[
-                    route_components_pb2.HeaderMatcher(
-                        name=":method",
-                        string_match=string_pb2.StringMatcher(exact="POST"),
-                        invert_match=True,
-                    )
-                ],
-            ),
-            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
-        ),
-        route_components_pb2.Route(
             name="error/unknown-model",
-            match=_metadata_match(None),
+            match=_metadata_match(ANY_STRING),
             direct_response=_openai_error(
                 404,
                 f"The model `%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%` does not exist.",
                 param="model",
                 code="model_not_found",
+            ),
+        ),
+        route_components_pb2.Route(
+            name="error/model-not-a-string",
+            match=_metadata_match(None),
+            direct_response=_openai_error(
+                400, "The request body's `model` must be a string.", param="model"
             ),
         ),
         route_components_pb2.Route(
@@ -546,9 +657,14 @@ def _retry_policy(retries: RetryPolicy) -> route_components_pb2.RetryPolicy:
 def _metadata_match(
     value: str | None, *headers: route_components_pb2.HeaderMatcher
 ) -> route_components_pb2.RouteMatch:
-    """Match the body's `model` in dynamic metadata: an exact string, or any value (None)."""
+    """Match the body's `model` in dynamic metadata: an exact string, any string
+    (ANY_STRING), or any value at all (None)."""
     if value is None:
         matcher = value_pb2.ValueMatcher(present_match=True)
+    elif value is ANY_STRING:
+        matcher = value_pb2.ValueMatcher(
+            string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".*"))
+        )
     else:
         matcher = value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=value))
     return route_components_pb2.RouteMatch(
@@ -573,9 +689,16 @@ def _metadata_pair(value: str | None) -> json_to_metadata_pb2.JsonToMetadata.Key
     return pair
 
 
-def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+def _header_exact(
+    name: str, value: str, invert: bool = False
+) -> route_components_pb2.HeaderMatcher:
+    """`name` is `value`; inverted: it is anything else, or absent."""
     return route_components_pb2.HeaderMatcher(
-        name=name, string_match=string_pb2.StringMatcher(exact=value)
+        name=name,
+        string_match=string_pb2.StringMatcher(exact=value),
+        invert_match=invert,
+        # Else Envoy's inverted matcher does not match an absent header.
+        treat_missing_header_as_empty=invert,
     )
 
 

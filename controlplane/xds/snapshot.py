@@ -136,7 +136,7 @@ class SnapshotBuilder:
             for m in state.models.values()
             for v in m.versions.values()
         )
-        route_config = resources.build_route_config(state, self._model_routes)
+        route_config = resources.build_route_config(state, self.proxy, self._model_routes)
         names = [
             name
             for m in state.models.values()
