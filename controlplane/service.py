@@ -72,6 +72,7 @@ class Stack:
     controller: Controller = field(init=False)
     engine: RolloutEngine | None = field(init=False, default=None)
     kube_api: object | None = None  # runtime: kubernetes: the API client (run() makes it)
+    leader: object | None = None  # runtime: kubernetes: the LeaderElector; fences the store
     runtime: Runtime | None = field(init=False, default=None)
     activator: Activator | None = field(init=False, default=None)
     alerts: HealthAlerts | None = field(init=False, default=None)
@@ -86,6 +87,8 @@ class Stack:
         self.state_dir = Path(self.state_dir or self.config.state_dir)
         processes.reap_orphans(self.state_dir)
         self.controller = Controller(self.config, self.state_dir)
+        if self.leader is not None:  # not one write once the Lease may be someone else's
+            self.controller.store.may_write = lambda: self.leader.is_leader
         self.envoy_stats = EnvoyStatsReceiver(self.controller.health, self.controller.state)
         if self.config.runtime == "local":
             self.runtime = LocalRuntime(self.controller)
@@ -228,7 +231,7 @@ async def run(config: Config, with_envoy: bool) -> None:
             if elector is not None:
                 await elector.stop()
             return
-    stack = Stack(config, with_envoy, admin_token(), kube_api=api)
+    stack = Stack(config, with_envoy, admin_token(), kube_api=api, leader=elector)
     lost = False
     try:
         await stack.start()

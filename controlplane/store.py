@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # The leader fence (Kubernetes: the Lease's `is_leader`): no write once it says no, so
+        # a replica that lost the Lease never writes beside the new leader (ADR 0002).
+        self.may_write: Callable[[], bool] = lambda: True
         try:
             self._db = sqlite3.connect(path, isolation_level=None)  # we manage transactions
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -55,6 +58,8 @@ class Store:
 
     def save(self, models: Iterable[Model] = (), rollouts: Iterable[dict[str, Any]] = ()) -> None:
         """Write models and rollouts in one transaction: all of it lands, or none."""
+        if not self.may_write():
+            raise Unavailable("this replica does not hold the leader Lease: it writes nothing")
         now = time.time()
         try:
             self._db.execute("BEGIN IMMEDIATE")

@@ -7,8 +7,9 @@ Conflict on a stale `metadata.resourceVersion` and on creating an existing name;
 (replace); the `status` subresource (status writes change only status, other writes never
 change it); lists with a resourceVersion and watches that resume from one; and 410 Gone for
 a watch older than the compacted history (`expire_watches`). Faults for tests:
-`conflict_next` (another writer gets in first), `fail_next` (5xx). No garbage collector:
-tests assert owner references and the controller's own cleanup.
+`conflict_next` (another writer gets in first), `fail_next` (5xx), `slow` (an API server
+under load: requests wait before they are applied, answers come late or never). No garbage
+collector: tests assert owner references and the controller's own cleanup.
 
 Everything is served over real HTTP by `kmock.Server` and driven by the real `kubernetes`
 client; `api_client()` builds one for the emulator's URL.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import copy
 import datetime
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,7 +53,12 @@ class Emulator(kmock.KubernetesEmulator):
     _epoch: int = attrs.field(default=0, init=False)
     _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
     _faults: list[tuple[str, str | None, int]] = attrs.field(factory=list, init=False)
+    _lag: tuple[str | None, float, float, random.Random] | None = attrs.field(
+        default=None, init=False
+    )
+    _healed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     conflicts: int = attrs.field(default=0, init=False)  # 409s answered for stale writes
+    dropped: int = attrs.field(default=0, init=False)  # answers never sent (see `slow`)
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -75,6 +82,24 @@ class Emulator(kmock.KubernetesEmulator):
         """The next `count` requests (to `plural`, or any) fail with `code`."""
         self._faults.extend([("fail", plural, code)] * count)
 
+    def slow(
+        self, plural: str | None = None, max_delay_s: float = 1.0, drop: float = 0.0, seed: int = 0
+    ) -> None:
+        """From now on, each request (to `plural`, or any) waits a random 0-`max_delay_s`
+        before it is applied and as long again before its answer leaves; with probability
+        `drop` it is applied and its answer never comes (the client times out). `heal()`
+        ends it, and releases every request held."""
+        self._lag = (plural, max_delay_s, drop, random.Random(seed))
+        self._healed.clear()
+
+    def heal(self) -> None:
+        self._lag = None
+        self._healed.set()
+
+    async def _hold(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._healed.wait(), seconds)
+
     def get(self, plural: str, namespace: str, name: str) -> dict | None:
         """The stored object (a copy), or None."""
         for (resource, ns, obj_name), obj in self.objects.items():
@@ -96,6 +121,21 @@ class Emulator(kmock.KubernetesEmulator):
     # -- the API server ----------------------------------------------------------------------
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        lag = self._lag
+        if lag is None or request.resource is None or lag[0] not in (None, request.resource.plural):
+            return await self._serve(request)
+        _, max_delay_s, drop, rng = lag
+        before, after, lost = rng.uniform(0, max_delay_s), rng.uniform(0, max_delay_s), rng.random()
+        await self._hold(before)
+        response = await self._serve(request)
+        if lost < drop:
+            self.dropped += 1
+            await self._hold(3600)  # until healed: the client gave up long before
+        else:
+            await self._hold(after)
+        return response
+
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None:
             return await super()._handle(request)
         writes = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
@@ -265,7 +305,10 @@ class Emulator(kmock.KubernetesEmulator):
 async def serve() -> AsyncIterator[tuple[Emulator, str]]:
     """An Emulator on a free port: (emulator, base URL)."""
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        yield emulator, str(server.url).rstrip("/")
+        try:
+            yield emulator, str(server.url).rstrip("/")
+        finally:
+            emulator.heal()  # held requests end before the server stops
 
 
 def api_client(url: str) -> client.ApiClient:

@@ -8,9 +8,13 @@ shows what reached EDS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import itertools
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from kubernetes import client
 
 from controlplane.config import Backend, SimBackend, VersionConfig, parse_config
 from controlplane.controller import Controller
+from controlplane.errors import Unavailable
 from controlplane.reconciler.kubernetes import KubernetesRuntime
 from controlplane.reconciler.vllm_args import API_VERSION, GROUP, PLURAL
 
@@ -26,6 +31,7 @@ from . import kube_emulator
 from .conftest import EnvoyProcess, free_ports, http_json, write_config
 
 NS = "switchyard"
+LEASE = "switchyard-controller"
 
 
 def vllmmodel(name: str, version: str, model: str = "llama-3-8b", **spec) -> dict:
@@ -280,6 +286,117 @@ async def test_a_leader_that_cannot_renew_stops_leading(kube):
     await asyncio.wait_for(leader.lost.wait(), 5)
     assert not leader.is_leader
     await leader.stop()
+
+
+def lease_is_valid_for(kube: Kube, identity: str) -> bool:
+    """Does the stored Lease name `identity`, renewed less than its duration ago (wall clock:
+    the elector writes renewTime from it)?"""
+    spec = (kube.get("leases", "switchyard-controller") or {}).get("spec") or {}
+    if spec.get("holderIdentity") != identity or not spec.get("renewTime"):
+        return False
+    renewed = datetime.datetime.fromisoformat(spec["renewTime"].replace("Z", "+00:00"))
+    age = datetime.datetime.now(datetime.UTC) - renewed
+    return age.total_seconds() < spec["leaseDurationSeconds"]
+
+
+async def test_a_leader_whose_api_answers_nothing_stops_acting_while_its_lease_holds(kube):
+    from controlplane.reconciler.leader import LeaderElector
+
+    leader = LeaderElector(kube.api, NS, "controller-a", lease_duration_s=2,
+                           renew_deadline_s=1.5, retry_s=0.2, call_timeout_s=1)  # fmt: skip
+    leader.start()
+    await asyncio.wait_for(leader.wait_leading(), 5)
+    # Every write still lands, but no answer comes back: the leader cannot know it renewed.
+    kube.emulator.slow("leases", max_delay_s=0, drop=1.0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not leader.lost.is_set():
+        assert loop.time() < deadline, "the leader never gave up"
+        if leader.is_leader:  # acting: the Lease must still be ours in everyone's eyes
+            assert lease_is_valid_for(kube, "controller-a"), kube.get("leases", LEASE)
+        await asyncio.sleep(0.005)
+    assert not leader.is_leader and kube.emulator.dropped >= 1
+    await leader.stop(release=False)
+
+
+class Replica:
+    """One controller replica: campaigns for the Lease and, once it lost it, campaigns again
+    as a new pod would (a new name); writes to the shared state database as fast as the
+    store lets it."""
+
+    def __init__(self, kube: Kube, name: str, controller: Controller) -> None:
+        self.kube, self.name, self.controller = kube, name, controller
+        self.terms = 0  # leaderships started
+        self.elector = self._elector()
+        self.writes: list[tuple[str, int, float, float]] = []  # (identity, term, start, end)
+        controller.store.may_write = lambda: self.elector.is_leader
+
+    @property
+    def identity(self) -> str:
+        return self.elector.identity
+
+    def _elector(self):
+        from controlplane.reconciler.leader import LeaderElector
+
+        return LeaderElector(self.kube.api, NS, f"{self.name}-{self.terms}", lease_duration_s=2,
+                             renew_deadline_s=1.5, retry_s=0.2, call_timeout_s=1)  # fmt: skip
+
+    async def campaign(self) -> None:
+        while True:
+            self.elector.start()
+            await self.elector.wait_leading()
+            self.terms += 1
+            await self.elector.lost.wait()
+            await self.elector.stop(release=False)
+            self.elector = self._elector()
+
+    async def write(self) -> None:
+        doc = {"id": f"ro-{self.identity}", "model": "m", "phase": "paused", "created_at": 0.0}
+        while True:
+            started, term = time.monotonic(), self.terms
+            with contextlib.suppress(Unavailable):
+                self.controller.store.save(rollouts=[doc])
+                self.writes.append((self.identity, term, started, time.monotonic()))
+            await asyncio.sleep(0.01)
+
+
+async def test_two_controllers_on_a_slow_dropping_api_never_act_at_once(kube, tmp_path):
+    """ADR 0002: two writers never overlap. Two replicas share one state database; the API
+    server delays every Lease request and answer by up to 0.6 s each and loses 15 % of the
+    answers. Leadership changes hands, and at no moment do both act, nor does one act
+    without holding an unexpired Lease."""
+    replicas = [Replica(kube, name, make_controller(tmp_path)) for name in ("ctl-a", "ctl-b")]
+    kube.emulator.slow("leases", max_delay_s=0.6, drop=0.15, seed=7)
+    tasks = [asyncio.create_task(job()) for r in replicas for job in (r.campaign, r.write)]
+    loop = asyncio.get_running_loop()
+    try:
+        until_time = loop.time() + 20
+        while loop.time() < until_time and not (sum(r.terms for r in replicas) >= 3
+                                                and all(r.terms for r in replicas)):  # fmt: skip
+            leaders = [r for r in replicas if r.elector.is_leader]
+            assert len(leaders) <= 1, "two replicas lead at once"
+            for replica in leaders:
+                assert lease_is_valid_for(kube, replica.identity), kube.get("leases", LEASE)
+            await asyncio.sleep(0.005)
+        assert all(r.terms for r in replicas), [r.terms for r in replicas]
+        kube.emulator.heal()  # the API recovers: someone leads again
+        await until(lambda: any(r.elector.is_leader for r in replicas), 10, "a leader")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for replica in replicas:
+            await replica.elector.stop(release=False)
+            replica.controller.store.close()
+    # The state's writers: grouped by leadership, the spans never interleave.
+    spans: dict[tuple[str, int], list[float]] = {}
+    for identity, term, start, end in sorted(w for r in replicas for w in r.writes):
+        span = spans.setdefault((identity, term), [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    assert {identity[:5] for (identity, _), _ in ordered} == {"ctl-a", "ctl-b"}, "both wrote"
+    for (first, first_span), (second, second_span) in itertools.pairwise(ordered):
+        assert first_span[1] < second_span[0], f"{first} and {second} wrote at the same time"
 
 
 def ask(proxy: str, model: str = "llama-3-8b") -> str | None:

@@ -2,17 +2,25 @@
 
 The algorithm of client-go's leaderelection: a candidate takes the Lease when it is free or
 its holder stopped renewing it for `lease_duration_s` (measured on our own clock from when we
-last saw the record change, so clocks need not agree); the leader renews every `retry_s`
-and gives up when it could not renew for `renew_deadline_s` (shorter than the lease, so it
-stops acting before anyone else may start). Every write carries the resourceVersion read, so
-two candidates never both win. Only the leader runs the runtime and the rollout engine; the
-standby answers /healthz (alive) but not /readyz, so Services only reach the leader.
+last saw the record change, so clocks need not agree); the leader renews every `retry_s`.
+Every write carries the resourceVersion read, so two candidates never both win. Only the
+leader runs the runtime and the rollout engine (and writes the state: service.py fences the
+store with `is_leader`); the standby answers /healthz (alive) but not /readyz, so Services
+only reach the leader.
+
+Giving up in time does not depend on the API server answering. A renewal that succeeds
+moves a local monotonic deadline to when that attempt *started* plus `renew_deadline_s`:
+the record it wrote cannot be older than that start, so no standby can see it expire before
+start + `lease_duration_s`, later than our deadline. `is_leader` is false from the deadline
+on, a timer sets `lost` at it, and each API call is bounded by the time left (no client
+retries), so a slow, hanging or dropping API server can make us stop early, never late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import json
 import logging
@@ -29,6 +37,7 @@ from controlplane import logs
 
 log = logs.get("leader")
 LEASE_NAME = "switchyard-controller"
+CALL_TIMEOUT_S = 5.0  # one API call of a standby; a leader's get at most the time left
 
 
 def default_identity() -> str:
@@ -46,23 +55,36 @@ class LeaderElector:
         lease_duration_s: float = 15.0,
         renew_deadline_s: float = 10.0,
         retry_s: float = 2.0,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         assert renew_deadline_s < lease_duration_s, "the leader must give up before others take"
-        self.coordination = client.CoordinationV1Api(api_client)
+        # Our own client without retries: a call must fail when its time is up, not start over.
+        configuration = copy.deepcopy(api_client.configuration)
+        configuration.retries = False
+        self.coordination = client.CoordinationV1Api(client.ApiClient(configuration))
         self.namespace = namespace
         self.identity = identity or default_identity()
         self.name = name
         self.lease_duration_s = lease_duration_s
         self.renew_deadline_s = renew_deadline_s
         self.retry_s = retry_s
+        self.call_timeout_s = call_timeout_s
         self.leading = asyncio.Event()
         self.lost = asyncio.Event()  # set when a leader stops leading (then it should exit)
+        self._deadline = 0.0  # time.monotonic() at which a leader stops acting
+        self._timer: asyncio.TimerHandle | None = None
         self._observed: tuple[Any, float] | None = None  # (holder record, when it last changed)
         self._task: asyncio.Task | None = None
 
     @property
     def is_leader(self) -> bool:
-        return self.leading.is_set() and not self.lost.is_set()
+        """True while this replica may act: elected, and its renew deadline not passed (read
+        from the clock, so it turns false on time even if the event loop is busy)."""
+        return (
+            self.leading.is_set()
+            and not self.lost.is_set()
+            and time.monotonic() < self._deadline
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"leader-election-{self.identity}")
@@ -75,6 +97,8 @@ class LeaderElector:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         if release and self.is_leader:
             with contextlib.suppress(ApiException, OSError):
                 await asyncio.to_thread(self._release)
@@ -82,25 +106,47 @@ class LeaderElector:
         self.lost.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_renewed = loop.time()
-        while True:
+        while not self.lost.is_set():
+            started = time.monotonic()
             try:
                 held = await asyncio.to_thread(self._try_acquire_or_renew)
-            except Exception as exc:  # API down: we cannot know, so we cannot renew
+            except Exception as exc:  # API down or too slow: we cannot know, so we cannot renew
                 logs.event(log, "leader.lease_error", logging.WARNING, error=str(exc)[:200])
                 held = False
-            now = loop.time()
             if held:
-                last_renewed = now
-                if not self.leading.is_set():
-                    logs.event(log, "leader.elected", identity=self.identity, lease=self.name)
-                    self.leading.set()
-            elif self.leading.is_set() and now - last_renewed >= self.renew_deadline_s:
-                logs.event(log, "leader.lost", logging.WARNING, identity=self.identity)
-                self.lost.set()
-                return
+                self._renewed(started)
             await asyncio.sleep(self.retry_s)
+
+    def _renewed(self, started: float) -> None:
+        """The Lease is ours as of `started`: lead (or keep leading) until the new deadline."""
+        deadline = started + self.renew_deadline_s
+        if self.lost.is_set() or time.monotonic() >= deadline:
+            return  # too late: a leader that gave up never acts again (its process exits)
+        self._deadline = deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(
+            deadline - time.monotonic(), self._expire
+        )
+        if not self.leading.is_set():
+            logs.event(log, "leader.elected", identity=self.identity, lease=self.name)
+            self.leading.set()
+
+    def _expire(self) -> None:
+        """The renew deadline passed without a renewal: stop leading, whatever is in flight."""
+        if self.leading.is_set() and not self.lost.is_set():
+            logs.event(log, "leader.lost", logging.WARNING, identity=self.identity,
+                       renew_deadline_s=self.renew_deadline_s)  # fmt: skip
+            self.lost.set()
+
+    def _call_timeout(self) -> float:
+        """A leader's call must answer before its deadline (a later answer cannot help)."""
+        if not self.leading.is_set():
+            return self.call_timeout_s
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the renew deadline passed")
+        return min(self.call_timeout_s, left)
 
     # -- one round, in a thread ------------------------------------------------------------------
 
@@ -136,8 +182,9 @@ class LeaderElector:
 
     def _read(self) -> dict:
         response = self.coordination.read_namespaced_lease(
-            self.name, self.namespace, _preload_content=False, _request_timeout=(2, 5)
-        )
+            self.name, self.namespace, _preload_content=False,
+            _request_timeout=self._call_timeout(),
+        )  # fmt: skip
         return json.loads(response.data)
 
     def _write(self, current: dict | None, spec: dict) -> bool:
@@ -151,13 +198,14 @@ class LeaderElector:
         try:
             if current is None:
                 self.coordination.create_namespaced_lease(
-                    self.namespace, body, _preload_content=False, _request_timeout=(2, 5)
-                )
+                    self.namespace, body, _preload_content=False,
+                    _request_timeout=self._call_timeout(),
+                )  # fmt: skip
             else:
                 body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
                 self.coordination.replace_namespaced_lease(
                     self.name, self.namespace, body, _preload_content=False,
-                    _request_timeout=(2, 5),
+                    _request_timeout=self._call_timeout(),
                 )  # fmt: skip
         except ApiException as exc:
             if exc.status == 409:
