@@ -39,7 +39,8 @@ test: $(STAMP) system-deps
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py controlplane/_gen
 
-# Debian packages the tests run for real (Prometheus, Chromium, kubectl); only what is missing.
+# Debian packages the tests run for real (Prometheus, Chromium); only what is missing. Under
+# CI=true one it cannot install fails the run. (kubectl comes pinned with the test extra.)
 system-deps:
 	@scripts/install-system-deps.sh
 
