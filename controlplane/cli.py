@@ -15,6 +15,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(boot)
     boot.add_argument("--node-id", default=None)
     boot.add_argument("--xds-host", default=None, help="address Envoy dials (default: listen.xds)")
+
+    certs = command("certs", cmd_certs, "make a CA, an xDS server and an Envoy certificate")
+    certs.add_argument("directory", help="where to write ca.crt, server.crt/.key, envoy.crt/.key")
+    certs.add_argument(
+        "--host", action="append", required=True, dest="hosts",
+        help="a name or address Envoys dial for xDS (repeat for several)",
+    )  # fmt: skip
 
     models = client(command("models", cmd_models, "list models, versions, weights and readiness"))
     models.add_argument("--health", action="store_true", help="per-version health, last 10 s")
@@ -222,6 +230,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from controlplane.proxy import render_bootstrap
 
     print(render_bootstrap(_load(args), args.node_id, args.xds_host), end="")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from controlplane.tls import make_certs
+
+    paths = make_certs(Path(args.directory), args.hosts)
+    for name, path in paths.items():
+        print(f"{name:10} {path}")
+    print("Keep ca.key offline; give server.* to the control plane (xds.tls), envoy.* and "
+          "ca.crt to each Envoy (xds.tls.envoy_cert, envoy_key).")  # fmt: skip
     return 0
 
 

@@ -310,21 +310,27 @@ class ProxySettings(Strict):
 
 
 class XdsTls(Strict):
-    """ADS over mutual TLS: the server's certificate and key, and the CA that signed the
-    Envoys' client certificates (PEM files)."""
+    """ADS over mutual TLS (PEM files). The control plane serves `cert`/`key` and accepts only
+    clients whose certificate `ca` signed. The `envoy_*` paths are what the Envoy's bootstrap
+    names (`switchyard bootstrap`, and the Envoy `switchyard up` runs): the Envoy's own
+    certificate and key, and the CA it checks the control plane's certificate with (default
+    `ca`). `server_name` is the name the Envoy expects in that certificate (default: the
+    address it dials). Files are read when the server starts, not when the file is parsed:
+    on Kubernetes the Envoy's paths exist only in the Envoy's pod."""
 
     cert: StrictStr
     key: StrictStr
     ca: StrictStr
+    envoy_cert: StrictStr | None = None
+    envoy_key: StrictStr | None = None
+    envoy_ca: StrictStr | None = None
+    server_name: StrictStr | None = None
 
-    @field_validator("cert", "key", "ca")
-    @classmethod
-    def _readable(cls, value: str) -> str:
-        try:
-            Path(value).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read {value!r}: {exc.strerror}") from None
-        return value
+    @model_validator(mode="after")
+    def _envoy_pair(self) -> XdsTls:
+        if (self.envoy_cert is None) != (self.envoy_key is None):
+            raise ValueError("give envoy_cert and envoy_key together")
+        return self
 
 
 class XdsSettings(Strict):

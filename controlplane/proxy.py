@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import shutil
 import socket
 import sys
@@ -15,11 +16,17 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+import yaml
+
 from controlplane import logs, metrics, processes
 from controlplane.config import Config, split_hostport
+from controlplane.errors import ConfigError
 
 log = logs.get("proxy")
 MAX_BACKOFF_S = 5.0
+UPSTREAM_TLS_CONTEXT = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+)
 HEALTHY_RUN_S = 30.0  # an Envoy that ran this long before dying was not crash-looping
 
 
@@ -33,6 +40,7 @@ def render_bootstrap(
     if xds_host is None:
         xds_host = "127.0.0.1" if listen_host in ("0.0.0.0", "::") else listen_host
     return Template(template).substitute(
+        xds_transport_socket=_xds_transport_socket(config, xds_host),
         node_id=node_id or f"switchyard-{socket.gethostname()}",
         node_cluster="switchyard",
         admin_host=admin_host,
@@ -41,6 +49,54 @@ def render_bootstrap(
         xds_port=xds_port,
         stats_flush_interval=f"{config.health.stats_flush_seconds:g}s",
     )
+
+
+def _xds_transport_socket(config: Config, xds_host: str) -> str:
+    """With `xds.tls`: Envoy presents its client certificate and checks the control plane's
+    against the CA and the expected name (YAML lines for the xDS cluster; empty without)."""
+    tls = config.xds.tls
+    if tls is None:
+        return ""
+    if tls.envoy_cert is None or tls.envoy_key is None:
+        raise ConfigError(
+            "xds.tls.envoy_cert: the Envoy's client certificate and key (envoy_cert, "
+            "envoy_key) are needed to render its bootstrap"
+        )
+    server_name = tls.server_name or xds_host
+    context = {
+        "@type": UPSTREAM_TLS_CONTEXT,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": tls.envoy_cert},
+                    "private_key": {"filename": tls.envoy_key},
+                }
+            ],
+            "validation_context": {
+                "trusted_ca": {"filename": tls.envoy_ca or tls.ca},
+                "match_typed_subject_alt_names": [
+                    {
+                        "san_type": "IP_ADDRESS" if _is_ip(server_name) else "DNS",
+                        "matcher": {"exact": server_name},
+                    }
+                ],
+            },
+        },
+    }
+    if not _is_ip(server_name):
+        context["sni"] = server_name
+    block = {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": context}}
+    text = yaml.safe_dump(block, sort_keys=False)
+    return "".join("\n      " + line for line in text.splitlines())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def envoy_binary() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from controlplane.reconciler.activator import Activator
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.reconciler.runtime import Runtime
 from controlplane.rollout.engine import RolloutEngine
+from controlplane.tls import is_loopback, read_pem, server_credentials
 from controlplane.xds.snapshot import ROUTE
 
 log = logs.get("service")
@@ -47,16 +47,21 @@ def admin_token() -> str | None:
 def check_admin_exposure(config: Config, token: str | None) -> None:
     """Without a token the admin API may only listen on loopback."""
     host, _ = split_hostport(config.listen.admin)
-    if token:
-        return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not token and not is_loopback(host):
         raise ConfigError(
             f"listen.admin: {config.listen.admin} is not a loopback address; "
             "set SWITCHYARD_ADMIN_TOKEN to expose the admin API"
+        )
+
+
+def check_xds_exposure(config: Config) -> None:
+    """Without mutual TLS the xDS port may only listen on loopback: it hands out every
+    endpoint and takes in the stats the health analysis trusts."""
+    host, _ = split_hostport(config.listen.xds)
+    if config.xds.tls is None and not is_loopback(host):
+        raise ConfigError(
+            f"listen.xds: {config.listen.xds} is not a loopback address; "
+            "configure xds.tls (mutual TLS) to expose the xDS port"
         )
 
 
@@ -84,6 +89,13 @@ class Stack:
 
     async def start(self) -> None:
         check_admin_exposure(self.config, self.token)
+        check_xds_exposure(self.config)
+        tls = self.config.xds.tls
+        credentials = server_credentials(tls) if tls else None
+        if tls and self.with_envoy:  # the Envoy we run reads these: fail here, not in a loop
+            for key in ("envoy_cert", "envoy_key", "envoy_ca"):
+                if getattr(tls, key):
+                    read_pem(getattr(tls, key), f"xds.tls.{key}")
         self.state_dir = Path(self.state_dir or self.config.state_dir)
         processes.reap_orphans(self.state_dir)
         self.controller = Controller(self.config, self.state_dir)
@@ -103,7 +115,9 @@ class Stack:
             self.controller.runtime = self.runtime
         host, port = split_hostport(self.config.listen.xds)
         try:
-            await self.controller.xds.start(host, port, services=[self.envoy_stats.add_to])
+            await self.controller.xds.start(
+                host, port, services=[self.envoy_stats.add_to], credentials=credentials
+            )
         except OSError as exc:
             raise _busy("listen.xds", self.config.listen.xds, exc) from None
         self.controller.rebuild()
@@ -220,6 +234,8 @@ async def run(config: Config, with_envoy: bool) -> None:
     /readyz (503) until it leads, and a leader that loses the Lease exits (Kubernetes restarts
     it as a standby) rather than act beside the new leader.
     """
+    check_admin_exposure(config, admin_token())
+    check_xds_exposure(config)  # before campaigning for the Lease: fail at once
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

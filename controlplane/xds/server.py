@@ -72,6 +72,12 @@ class EnvoyStream:
                 return type_url, ts.nack
         return None
 
+    @property
+    def running(self) -> bool:
+        """It runs something of ours: it ACKed at least one response (or reconnected with a
+        version it still runs)."""
+        return any(ts.acked_version is not None for ts in self.types.values())
+
     def to_json(self) -> dict:
         return {
             "node_id": self.node_id,
@@ -96,9 +102,14 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(
-        self, host: str, port: int, services: Iterable[Callable[[grpc.aio.Server], None]] = ()
+        self,
+        host: str,
+        port: int,
+        services: Iterable[Callable[[grpc.aio.Server], None]] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> int:
-        """Listen for ADS, and for each of `services` (an `add_to(server)`) on the same port."""
+        """Listen for ADS, and for each of `services` (an `add_to(server)`) on the same port;
+        with `credentials` (controlplane.tls), only over mutual TLS."""
         self._server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -112,13 +123,17 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         for add_to in services:
             add_to(self._server)
         try:
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
+            address = f"{host}:{port}"
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
         except RuntimeError:  # grpcio raises (rather than returning 0) when bind fails
             self.port = None
         if not self.port:
             raise OSError(f"cannot listen for xDS on {host}:{port} (address in use or unavailable)")
         await self._server.start()
-        logs.event(log, "xds.listening", address=f"{host}:{self.port}")
+        logs.event(log, "xds.listening", address=f"{host}:{self.port}", tls=credentials is not None)
         return self.port
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -138,10 +153,15 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             stream.wake.set()
 
     async def wait_applied(self, snapshot: Snapshot, timeout: float = 10.0) -> int:
-        """Return the number of Envoys once every connected one runs `snapshot`.
+        """Return the number of Envoys once every one that serves our configuration runs
+        `snapshot`.
 
         Raises EnvoyRejected as soon as one NACKs it, AckTimeout if they take too long.
-        Envoys that disconnect meanwhile are not waited for.
+        Envoys that disconnect meanwhile are not waited for, nor are those that have not
+        ACKed anything yet: they serve nothing of ours, and get the newest snapshot anyway.
+        So a client that connects and never ACKs (or NACKs everything) cannot hold changes
+        back; an Envoy that runs our configuration and then stops answering, or refuses a
+        change, does (docs/security.md).
         """
 
         def settled() -> bool:
@@ -166,7 +186,8 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return len(self._active())
 
     def _active(self) -> list[EnvoyStream]:
-        return [stream for stream in self.streams.values() if stream.types]
+        """The Envoys serving a configuration of ours: those a change must reach."""
+        return [stream for stream in self.streams.values() if stream.running]
 
     def envoys(self) -> list[dict]:
         return [stream.to_json() for stream in self.streams.values()]
