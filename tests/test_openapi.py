@@ -58,7 +58,7 @@ TOKEN = "openapi-fuzz-token"
 MODELS = two_version_models()
 MODEL_NAMES = [model["name"] for model in MODELS]
 VERSION_NAMES = sorted({v["name"] for model in MODELS for v in model["versions"]})
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/sd/backends"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 NOT_FUZZED = {
     "/v1/events": "an endless Server-Sent Events stream",
     # Every accepted call starts backend processes; tests/test_runtime.py covers these calls

@@ -29,6 +29,15 @@ from controlplane.store import PAGE_MAX
 
 log = logs.get("admin")
 HEALTH_WINDOW_S = 10.0
+# The largest request body (a model with its versions, a rollout spec): a few KiB in
+# practice; larger ones get a JSON 413 before anything is parsed.
+MAX_BODY_BYTES = 256 * 1024
+# The only routes a caller without the token reaches (probes, Prometheus, the API document,
+# the console's static files). Matched on the route that aiohttp resolved, not on the raw
+# path, so no spelling of a path can turn a guarded route into a public one.
+PUBLIC_ROUTES = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/ui", "/ui/", "/ui/{name}"}
+)
 PAGE_DEFAULT = 100  # rollouts per page of GET /v1/rollouts
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,7 +45,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def make_app(
     controller: Controller, engine: RolloutEngine, token: str | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[_observe, _audit, _errors, _auth])
+    app = web.Application(
+        middlewares=[_observe, _audit, _errors, _auth], client_max_size=MAX_BODY_BYTES
+    )
     app[CONTROLLER] = controller
     app[ENGINE] = engine
     app[TOKEN] = token or ""
@@ -132,10 +143,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = "not_found" if exc.status == 404 else "http_error"
-        body = {
-            "error": {"type": kind, "message": f"{exc.reason}: {request.method} {request.path}"}
-        }
+        kind = {404: "not_found", 413: "request_too_large"}.get(exc.status, "http_error")
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 413:
+            message = f"the request body is over {MAX_BODY_BYTES} bytes"
+        body = {"error": {"type": kind, "message": message}}
         return web.json_response(body, status=exc.status, headers=_allow(exc))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -152,12 +164,21 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a token, every route but PUBLIC_ROUTES needs it: the API and the backends'
+    service discovery (it lists their addresses). A request that matches no route gets its
+    404 or 405, which tells nothing that /openapi.json does not."""
     token = request.app[TOKEN]
-    if token and request.path.startswith("/v1/"):
+    route = _route_of(request)
+    if token and route is not None and route not in PUBLIC_ROUTES:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
     return await handler(request)
+
+
+def _route_of(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
 
 
 # -- handlers ------------------------------------------------------------------------------

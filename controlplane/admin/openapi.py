@@ -349,7 +349,7 @@ ERROR_MEANINGS = {
     401: "missing or wrong bearer token",
     404: "unknown model, rollout or path",
     409: "not allowed in the current state (active rollout, phase, version not ready)",
-    413: "the body is larger than the server accepts (1 MiB)",
+    413: "the body is larger than the server accepts (256 KiB)",
     422: "invalid field, named in error.field",
     502: "an Envoy rejected (NACKed) the change; the change was undone",
     504: "not every Envoy confirmed the change in time; the change stays in the desired state",
@@ -731,11 +731,11 @@ def _build() -> dict:
         },
         "/sd/backends": {
             "get": {
-                **OPEN,
+                "tags": ["operations"],
                 "operationId": "serviceDiscovery",
                 "summary": "Prometheus HTTP service discovery: every ready backend endpoint, "
-                "labelled model and version",
-                "responses": {"200": _json(SD_TARGETS, "the target groups")},
+                "labelled model and version (needs the token: it lists backend addresses)",
+                "responses": {"200": _json(SD_TARGETS, "the target groups"), **_errors(401)},
             }
         },
         "/openapi.json": {
