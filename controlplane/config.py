@@ -302,7 +302,11 @@ class ProxySettings(Strict):
         return value
 
     def effective_preview_token(self) -> str | None:
-        return self.preview_token or os.environ.get("SWITCHYARD_PREVIEW_TOKEN") or None
+        """`preview_token`, else $SWITCHYARD_PREVIEW_TOKEN (held to the same 16 characters)."""
+        token = self.preview_token or os.environ.get("SWITCHYARD_PREVIEW_TOKEN") or None
+        if token is not None and len(token) < 16:
+            raise ConfigError("SWITCHYARD_PREVIEW_TOKEN: use at least 16 characters")
+        return token
 
     @property
     def post_paths(self) -> tuple[str, ...]:

@@ -152,3 +152,13 @@ def test_extra_paths_are_routed_beside_the_openai_ones():
     proxy = parse_config({"proxy": {"extra_paths": ["/v1/rerank", "/v1/score"]}}).proxy
     assert proxy.post_paths[-2:] == ("/v1/rerank", "/v1/score")
     assert "/v1/chat/completions" in proxy.post_paths
+
+
+def test_a_short_preview_token_is_refused_from_the_file_and_the_environment(monkeypatch):
+    with pytest.raises(ConfigError, match=r"proxy\.preview_token"):
+        parse_config({"proxy": {"preview_token": "short"}})
+    monkeypatch.setenv("SWITCHYARD_PREVIEW_TOKEN", "short")
+    with pytest.raises(ConfigError, match="SWITCHYARD_PREVIEW_TOKEN"):
+        parse_config({}).proxy.effective_preview_token()
+    monkeypatch.setenv("SWITCHYARD_PREVIEW_TOKEN", "a-long-enough-token")
+    assert parse_config({}).proxy.effective_preview_token() == "a-long-enough-token"
