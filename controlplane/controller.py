@@ -10,15 +10,24 @@ publishes it to every Envoy and waits for their ACK. Runtimes report endpoints t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import logs, metrics
-from controlplane.config import Config, ModelConfig, VersionConfig
-from controlplane.errors import Conflict, EnvoyRejected, Invalid, NotFound, SwitchyardError
+from controlplane.config import Backend, Config, ModelConfig, VersionConfig
+from controlplane.errors import (
+    AckTimeout,
+    Conflict,
+    EnvoyRejected,
+    Invalid,
+    NotFound,
+    SwitchyardError,
+)
 from controlplane.events import EventBus
 from controlplane.health.signals import HealthSignals
 from controlplane.state import (
@@ -183,28 +192,39 @@ class Controller:
             )
 
     # -- models and versions at run time ----------------------------------------------------
+    #
+    # A refused change leaves nothing behind (CONTRACT section 3): what the runtime cannot run
+    # is refused before anything is persisted; a NACK undoes state, store and Envoys (as in
+    # apply_traffic); a runtime that fails to start the backend (its API down) takes the
+    # addition back unless traffic already uses it. An ACK timeout keeps the change, which
+    # the Envoys apply when they catch up; its backends are started (or stopped) all the same.
 
     async def add_model(self, config: ModelConfig) -> Model:
-        """A new model with its versions: persisted, routed, its backends started."""
+        """A new model with its versions: checked, persisted, routed, its backends started."""
         async with self._changes:
             if config.name in self.state.models:
                 raise Conflict(f"model {config.name!r} already exists", field="name")
+            for version in config.versions:
+                self._check_runnable(config.name, version.name, version.backend,
+                                     f"versions[{version.name}].backend")  # fmt: skip
             model = Model.from_config(config)
             model.spec = config
             # Known from before a restart (a Kubernetes runtime registers its catalogue
             # again): its saved traffic wins over the defaults of `config`.
+            saved = self.store.saved_model(model.name)
             self.store.restore_model(model)
             self.state.models[model.name] = model
-            try:
-                self.store.save([model])
-            except Exception:
+
+            def undo() -> None:
                 del self.state.models[model.name]
-                raise
-            await self.xds.wait_applied(self.rebuild(), ACK_TIMEOUT_S)
+                self.store.put_saved_model(model.name, saved)
+
+            late = await self._persist_and_push(model, undo)
+        await self._start_or_retract(model, list(model.versions.values()), undo)
         logs.event(log, "model.added", model=model.name, versions=",".join(model.versions))
         self.events.publish("model.added", model=model.name)
-        for version in model.versions.values():
-            await self._ensure(model.name, version)
+        if late is not None:
+            raise late
         return model
 
     async def add_version(self, model_name: str, config: VersionConfig) -> Version:
@@ -221,19 +241,25 @@ class Controller:
                     "a new version joins at weight 0; use a rollout or a weight change",
                     field="weight",
                 )
+            self._check_runnable(model_name, config.name, config.backend, "backend")
             version = Version(config.name, 0, config.backend, added=True)
+            was_removed = version.name in model.removed
             model.versions[version.name] = version
             model.removed.discard(version.name)
-            try:
-                self.store.save([model])
-            except Exception:
+
+            def undo() -> None:
                 del model.versions[version.name]
-                raise
-            await self.xds.wait_applied(self.rebuild(), ACK_TIMEOUT_S)
+                if was_removed:
+                    model.removed.add(version.name)
+                self.store.save([model])
+
+            late = await self._persist_and_push(model, undo)
+        await self._start_or_retract(model, [version], undo)
         logs.event(log, "version.added", model=model_name, version=version.name,
                    backend=version.backend.kind)  # fmt: skip
         self.events.publish("version.added", model=model_name, version=version.name)
-        await self._ensure(model_name, version)
+        if late is not None:
+            raise late
         return version
 
     async def remove_version(self, model_name: str, version_name: str) -> None:
@@ -258,26 +284,82 @@ class Controller:
                 )
             if model.policy.mirror_to == version_name:
                 raise Conflict(f"{version_name!r} receives mirrored traffic", field="version")
+            versions, last_good, removed = dict(model.versions), model.last_good, set(model.removed)
             del model.versions[version_name]
-            saved = (model.stable, model.last_good)
             if model.last_good == version_name:
                 model.last_good = None
             if not version.added:
                 model.removed.add(version_name)
-            try:
+
+            def undo() -> None:
+                model.versions.clear()
+                model.versions.update(versions)  # in its place among the others
+                model.last_good, model.removed = last_good, removed
                 self.store.save([model])
-            except Exception:
-                model.versions[version_name] = version
-                model.stable, model.last_good = saved
-                model.removed.discard(version_name)
-                raise
+
+            late = await self._persist_and_push(model, undo)
             self.health.forget(model_name, version_name)
-            snapshot = self.rebuild()
-            await self.xds.wait_applied(snapshot, ACK_TIMEOUT_S)
         logs.event(log, "version.removed", model=model_name, version=version_name)
         self.events.publish("version.removed", model=model_name, version=version_name)
         if self.runtime is not None:
             await self.runtime.remove(model_name, version_name)
+        if late is not None:
+            raise late
+
+    def _check_runnable(self, model: str, version: str, backend: Backend, field: str) -> None:
+        """Refuse, before anything changes, a backend the runtime cannot run (`url` on
+        Kubernetes), naming the field at fault."""
+        if self.runtime is None:
+            return
+        try:
+            self.runtime.validate(model, version, backend)
+        except Invalid as exc:
+            raise Invalid(exc.message, field=field) from None
+
+    async def _persist_and_push(self, model: Model, undo: Callable[[], None]) -> AckTimeout | None:
+        """Persist `model`'s catalogue change, route it, wait for every Envoy (the caller holds
+        the lock and has changed the state). A failure to persist or build, or a NACK: `undo`
+        puts state and store back, the Envoys get the previous snapshot again, and the error
+        is raised. An ACK timeout is returned: the change stays desired."""
+        try:
+            self.store.save([model])
+            snapshot = self.rebuild()
+        except Exception:
+            with contextlib.suppress(SwitchyardError):
+                undo()
+            raise
+        try:
+            await self.xds.wait_applied(snapshot, ACK_TIMEOUT_S)
+        except EnvoyRejected as exc:
+            undo()
+            self.rebuild()
+            logs.event(log, "catalog.change_rejected", logging.WARNING, model=model.name,
+                       error=exc.message)  # fmt: skip
+            raise
+        except AckTimeout as exc:
+            return exc
+        return None
+
+    async def _start_or_retract(
+        self, model: Model, versions: list[Version], undo: Callable[[], None]
+    ) -> None:
+        """Start the added versions' backends. If the runtime fails (its API down), the
+        addition is taken back, unless traffic or a rollout uses it already."""
+        generation = model.traffic_generation
+        try:
+            for version in versions:
+                await self._ensure(model.name, version)
+        except SwitchyardError as exc:
+            async with self._changes:
+                if model.traffic_generation == generation and not model.active_rollout:
+                    undo()
+                    self.rebuild()
+                    if self.runtime is not None:
+                        for version in versions:
+                            await self.runtime.remove(model.name, version.name)
+            logs.event(log, "catalog.start_failed", logging.WARNING, model=model.name,
+                       versions=",".join(v.name for v in versions), error=exc.message)  # fmt: skip
+            raise
 
     # -- parking -------------------------------------------------------------------------------
 

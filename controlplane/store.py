@@ -104,6 +104,27 @@ class Store:
                 self._db.execute("ROLLBACK")
             raise Unavailable(f"cannot persist the change: {exc}") from None
 
+    def saved_model(self, name: str) -> str | None:
+        """A model's saved row as it is (None if none): to put back with put_saved_model."""
+        row = self._db.execute("SELECT doc FROM models WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def put_saved_model(self, name: str, doc: str | None) -> None:
+        """Put back a row from saved_model (None: the model had none)."""
+        if not self.may_write():
+            raise Unavailable("this replica does not hold the leader Lease: it writes nothing")
+        try:
+            if doc is None:
+                self._db.execute("DELETE FROM models WHERE name = ?", (name,))
+            else:
+                self._db.execute(
+                    "INSERT INTO models (name, doc, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET doc=excluded.doc, updated_at=excluded.updated_at",
+                    (name, doc, time.time()),
+                )
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot persist the change: {exc}") from None
+
     def restore_models(self, state: State) -> None:
         """Apply saved traffic onto the configured models where it still fits, and bring
         back the models added at run time."""

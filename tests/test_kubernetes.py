@@ -197,6 +197,75 @@ async def test_a_version_added_through_the_admin_api_gets_a_simulator_vllmmodel(
     assert controller.state.model("llama-3-8b").weights == {"v1": 100, "v2": 0}
 
 
+async def test_a_backend_kubernetes_cannot_run_is_refused_and_leaves_no_trace(kube, runtime):
+    """A `url` backend is no Kubernetes workload: adding it is a 422 naming the field, and
+    nothing is persisted, routed or created (not even after a restart)."""
+    from aiohttp import ClientSession, web
+
+    from controlplane.admin.app import make_app
+    from controlplane.rollout.engine import RolloutEngine
+
+    controller = runtime.controller
+    await kube.create_model(vllmmodel("llama-3-8b-v1", "v1"))
+    await until(lambda: "llama-3-8b" in controller.state.models, message="model added")
+    admin = web.AppRunner(make_app(controller, RolloutEngine(controller)))
+    await admin.setup()
+    await web.TCPSite(admin, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{admin.addresses[0][1]}"
+    url_backend = {"url": "http://10.0.0.5:8000"}
+    try:
+        async with ClientSession() as session:
+
+            async def call(method: str, path: str, body=None) -> tuple[int, dict]:
+                async with session.request(method, base + path, json=body) as response:
+                    return response.status, await response.json()
+
+            _, before = await call("GET", "/v1/models")
+            snapshot = controller.snapshot.version if controller.snapshot else None
+            status, body = await call("POST", "/v1/models/llama-3-8b/versions",
+                                      {"name": "v2", "backend": url_backend})  # fmt: skip
+            assert status == 422, body
+            assert body["error"]["field"] == "backend" and "url" in body["error"]["message"]
+            assert await call("GET", "/v1/models") == (200, before)
+            new_model = {"name": "qwen", "versions": [
+                {"name": "v1", "weight": 100, "backend": {"sim": {}}},
+                {"name": "v2", "weight": 0, "backend": url_backend}]}  # fmt: skip
+            status, body = await call("POST", "/v1/models", new_model)
+            assert status == 422, body
+            assert body["error"]["field"] == "versions[v2].backend"
+            assert await call("GET", "/v1/models") == (200, before)
+    finally:
+        await admin.cleanup()
+    assert (controller.snapshot.version if controller.snapshot else None) == snapshot
+    assert [m["metadata"]["name"] for m in kube.emulator.items(PLURAL, NS)] == ["llama-3-8b-v1"]
+    restarted = make_controller(runtime.controller.state_dir.parent)
+    assert list(restarted.state.models) == ["llama-3-8b"]
+    assert list(restarted.state.models["llama-3-8b"].versions) == ["v1"]
+    restarted.store.close()
+
+
+async def test_a_version_whose_vllmmodel_cannot_be_created_is_taken_back(kube, runtime):
+    """The API server refuses to create the version's VLLMModel (503): the caller is told, and
+    the version is gone again rather than stuck in `starting` with nothing to start it."""
+    from controlplane.errors import Unavailable
+
+    controller = runtime.controller
+    await kube.create_model(vllmmodel("llama-3-8b-v1", "v1"))
+    await until(lambda: (kube.get(PLURAL, "llama-3-8b-v1") or {}).get("status"), message="status")
+    versions = controller.state.model("llama-3-8b").to_json()["versions"]
+    kube.emulator.fail_next(PLURAL, code=503)
+    config = VersionConfig(name="v2", weight=0, backend=Backend(sim=SimBackend()))
+    with pytest.raises(Unavailable, match="VLLMModel"):
+        await controller.add_version("llama-3-8b", config)
+    assert controller.state.model("llama-3-8b").to_json()["versions"] == versions
+    assert kube.get(PLURAL, "llama-3-8b-v2") is None
+    restarted = make_controller(controller.state_dir.parent)
+    assert list(restarted.state.model("llama-3-8b").versions) == ["v1"]
+    restarted.store.close()
+    await controller.add_version("llama-3-8b", config)  # the API is back: it goes through
+    await until(lambda: kube.get(PLURAL, "llama-3-8b-v2"), message="the VLLMModel")
+
+
 async def test_deleting_a_vllmmodel_removes_its_workload_and_version(kube, runtime):
     controller = runtime.controller
     await kube.create_model(vllmmodel("llama-3-8b-v1", "v1"))

@@ -18,7 +18,7 @@ from aiohttp import web
 from envoy.config.route.v3 import route_components_pb2
 from envoy.type.matcher.v3 import regex_pb2
 
-from controlplane.config import parse_config
+from controlplane.config import ModelConfig, VersionConfig, parse_config
 from controlplane.controller import Controller
 from controlplane.errors import EnvoyRejected
 from controlplane.metrics import REGISTRY
@@ -37,6 +37,7 @@ from tests.conftest import (
     two_version_models,
     wait_for_proxy,
     wait_until,
+    write_config,
 )
 
 MODEL = "llama-3-8b"
@@ -465,3 +466,86 @@ async def test_a_rejected_snapshot_is_reported_never_resent_and_the_old_one_serv
         await runtime.stop()
         await controller.xds.stop()
         controller.store.close()
+
+
+async def test_catalog_changes_an_envoy_rejects_are_undone_everywhere(tmp_path, sims):
+    """Adding a model or a version, or removing one, while an Envoy NACKs: refused (502), and
+    nothing stays: not in the state, not in the store (a restart), not in the Envoys that
+    took it (they get the previous configuration back). Once that Envoy is gone, the same
+    changes go through."""
+    backend = {"url": sims["v2"]}
+    models = [{"name": MODEL, "versions": [
+        {"name": "v1", "weight": 100, "backend": {"url": sims["v1"]}},
+        {"name": "v2", "weight": 0, "backend": backend}]}]  # fmt: skip
+    config_path, raw = write_config(tmp_path, models)
+    config = parse_config(raw)
+    controller = Controller(config, tmp_path / "state")
+    runtime = LocalRuntime(controller)
+    controller.runtime = runtime
+    good_port, picky_port = free_ports(2, avoid=listen_ports(raw))
+    envoys: list[EnvoyProcess] = []
+
+    def acked(node: str) -> dict[str, str] | None:
+        found = [e for e in controller.xds.envoys() if e["node_id"] == node]
+        types = found[0]["types"] if found else {}
+        if len(types) < 4 or any(t["pending"] or not t["acked_version"] for t in types.values()):
+            return None
+        return {name: t["acked_version"] for name, t in types.items()}
+
+    def picky_nacked() -> bool:
+        found = [e for e in controller.xds.envoys() if e["node_id"] == "edge-old"]
+        return bool(found) and found[0]["types"].get("rds", {}).get("nack") is not None
+
+    def catalog(state) -> list[tuple[str, list[str]]]:
+        return [(m.name, list(m.versions)) for m in state.models.values()]
+
+    try:
+        host, port = config.listen.xds.rsplit(":", 1)
+        await controller.xds.start(host, int(port))
+        runtime.adopt_url_backends()
+        controller.rebuild()
+        await runtime.start()
+        envoys.append(EnvoyProcess(tmp_path, config_path, "edge-good", good_port))
+        await until(lambda: _now(acked("edge-good")), 20, "edge-good to ACK everything")
+        before_versions = acked("edge-good")
+        before = catalog(controller.state)
+        envoys.append(PickyEnvoy(tmp_path, config_path, "edge-old", picky_port))
+        await until(lambda: _now(picky_nacked()), 20, "edge-old to NACK the routes")
+
+        changes = [
+            lambda: controller.add_version(MODEL, VersionConfig(name="v3", weight=0,
+                                                                backend=backend)),
+            lambda: controller.add_model(ModelConfig.model_validate(
+                {"name": "qwen", "versions": [{"name": "v1", "weight": 100, "backend": backend}]})),
+            lambda: controller.remove_version(MODEL, "v2"),
+        ]  # fmt: skip
+        for change in changes:
+            with pytest.raises(EnvoyRejected, match="edge-old"):
+                await change()
+            assert catalog(controller.state) == before
+            # The good Envoy took the change, then got the previous configuration back.
+            await until(lambda: _now(acked("edge-good") == before_versions), 15,
+                        "edge-good back on the previous configuration")  # fmt: skip
+        restarted = Controller(config, tmp_path / "state")
+        assert catalog(restarted.state) == before
+        restarted.store.close()
+
+        envoys.pop().stop()  # the NACKing Envoy leaves: the same changes go through
+        await until(lambda: _now(not picky_nacked()), 15, "edge-old to leave")
+        for change, added in zip(changes, [(MODEL, "v3"), ("qwen", "v1"), None], strict=True):
+            await change()
+            if added:  # its url backend probed ready: no endpoint change races the next one
+                model, version = added
+                ready = lambda m=model, v=version: controller.state.models[m].versions[v].ready  # noqa: E731
+                await until(lambda ready=ready: _now(ready()), 10, f"{model}@{version} ready")
+        assert catalog(controller.state) == [(MODEL, ["v1", "v3"]), ("qwen", ["v1"])]
+    finally:
+        for envoy in envoys:
+            envoy.stop()
+        await runtime.stop()
+        await controller.xds.stop()
+        controller.store.close()
+
+
+async def _now(value):
+    return value

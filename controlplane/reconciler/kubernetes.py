@@ -204,6 +204,14 @@ class KubernetesRuntime:
             await asyncio.sleep(0.1)
         return False
 
+    def validate(self, model: str, version: str, backend: Backend) -> None:
+        """A version that is no VLLMModel yet must be able to become one (not `url`)."""
+        if self._find(model, version) is None:
+            try:
+                vllm_args.parse_spec(vllm_args.spec_of(model, version, backend))
+            except Invalid as exc:
+                raise Invalid(exc.message, field="backend") from None
+
     async def ensure(self, model: str, version: str, backend: Backend) -> None:
         resource = self._find(model, version)
         if resource is not None:

@@ -83,6 +83,9 @@ class LocalRuntime:
             for version in model.versions.values():
                 await self.ensure(model.name, version.name, version.backend)
 
+    def validate(self, model: str, version: str, backend: Backend) -> None:
+        """Every backend kind runs here (one that fails to start ends in `error`)."""
+
     async def ensure(self, model: str, version: str, backend: Backend) -> None:
         key = (model, version)
         if key in self.backends:

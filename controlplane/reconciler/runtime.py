@@ -20,6 +20,10 @@ class Runtime(Protocol):
     async def start(self) -> None:
         """Begin running every version of the controller's state."""
 
+    def validate(self, model: str, version: str, backend: Backend) -> None:
+        """Raise Invalid if this runtime cannot run `backend` (checked before the controller
+        persists or routes anything, so a refused version leaves no trace)."""
+
     async def ensure(self, model: str, version: str, backend: Backend) -> None:
         """Make the version exist (start its backend); a no-op when it already runs."""
 
