@@ -210,6 +210,37 @@ def test_the_old_stable_sleeps_after_a_rollout_and_a_rollback_wakes_it(tmp_path)
         assert served_by(client_for(stack)) == "v1"
 
 
+def test_a_refused_rollback_wakes_nothing(tmp_path):
+    """`rollback --all` is refused (409) when one model has no version to go back to; the
+    others stay as they were: a parked version is not woken for nothing."""
+    models = [{"name": "llama-3-8b", "versions": [
+        {"name": "v1", "weight": 100, "backend": {"sim": {}}},
+        {"name": "v2", "weight": 0, "backend": {"sim": {}}},
+    ]}]  # fmt: skip
+    with switchyard("up", tmp_path, models) as stack:
+        v1_url = version_of(stack, "v1")["endpoints"][0]
+        dead = {"url": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+        status, body = stack.api("POST", "/v1/models", {
+            "name": "embed", "versions": [{"name": "v1", "weight": 100, "backend": dead}]})
+        assert status == 201, body
+        assert not version_of(stack, "v1", "embed")["ready"]
+        status, _ = stack.api("POST", "/v1/rollouts",
+                              {"model": "llama-3-8b", "to": "v2", "strategy": "immediate"})
+        assert status == 201
+        wait_until(lambda: version_of(stack, "v1")["state"] == "sleeping", timeout=20,
+                   message="v1 parked after the rollout")  # fmt: skip
+
+        status, body = stack.api("POST", "/v1/rollback", {"all": True})
+        assert status == 409, body
+        assert body["error"]["field"] == "to" and "'embed'" in body["error"]["message"]
+        assert version_of(stack, "v1")["state"] == "sleeping" and is_sleeping(v1_url)
+        assert version_of(stack, "v2")["weight"] == 100
+
+        status, body = stack.api("POST", "/v1/rollback", {"model": "llama-3-8b"})
+        assert status == 200, body  # one model alone: v1 is woken, then takes the traffic
+        assert version_of(stack, "v1")["state"] == "active" and not is_sleeping(v1_url)
+
+
 def test_a_traffic_change_before_parking_keeps_the_old_stable_awake(tmp_path):
     """Parking waits for the old stable to drain; a rollout started meanwhile (which leaves
     it at 0 % as its `from`) must not find its rollback target put to sleep under it."""

@@ -187,19 +187,10 @@ class RolloutEngine:
         """
         state = self.controller.state
         models = list(state.models.values()) if everything else [state.model(model_name or "")]
+        self._check_targets(models, to, parked_ok=True)  # refused before anything is woken
         woken = await self._wake_targets(models, to)
         async with self._lock:
-            targets: dict[str, str] = {}
-            for model in models:
-                target = to or self._known_good(model)
-                if target not in model.versions:
-                    raise Invalid(f"model {model.name!r} has no version {target!r}", field="to")
-                if not model.versions[target].ready:
-                    raise Conflict(
-                        f"cannot roll {model.name!r} back to {target!r}: it has no ready endpoint",
-                        field="to",
-                    )
-                targets[model.name] = target
+            targets = self._check_targets(models, to, parked_ok=False)
             docs = []
             for model in models:
                 if model.active_rollout:
@@ -225,6 +216,25 @@ class RolloutEngine:
                 logs.event(log, "rollback.emergency", logging.WARNING, model=name, to=target,
                            woken_s=f"{woken[name]:.3f}" if name in woken else "-")  # fmt: skip
         return [state.models[name].to_json() for name in targets]
+
+    def _check_targets(
+        self, models: list[Model], to: str | None, parked_ok: bool
+    ) -> dict[str, str]:
+        """Each model's rollback target, by name; Invalid or Conflict (naming `to`) if one has
+        none to go to. With `parked_ok`, a parked target passes: it is woken next."""
+        targets = {}
+        for model in models:
+            target = to or self._known_good(model)
+            version = model.versions.get(target)
+            if version is None:
+                raise Invalid(f"model {model.name!r} has no version {target!r}", field="to")
+            if not version.ready and not (parked_ok and version.state in PARKED_STATES):
+                raise Conflict(
+                    f"cannot roll {model.name!r} back to {target!r}: it has no ready endpoint",
+                    field="to",
+                )
+            targets[model.name] = target
+        return targets
 
     async def _wake_targets(self, models: list[Model], to: str | None) -> dict[str, float]:
         """Wake the parked versions a rollback goes to, all at once; seconds per model."""
