@@ -8,7 +8,9 @@ fresh venv without system site-packages. Its other RUN lines must be in IMAGE_ON
 new kind of step fails this test until it is replayed here too. Its ENV lines tune the image
 (no pip cache, no .pyc) and are not applied.
 
-pip is this test Python's own (`pip --python`), so its cache serves the downloads.
+pip is this test Python's own (`pip --python`), so its cache serves the downloads; it
+compiles no .pyc files (PIP_NO_COMPILE), which only saves time. The two installs run side by
+side (about 30 s).
 """
 
 from __future__ import annotations
