@@ -8,6 +8,7 @@ a series appearing at 1. docs/metrics.md lists them all.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -172,6 +173,11 @@ rollout_step = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+asyncio_tasks = Gauge(
+    "switchyard_asyncio_tasks",
+    "asyncio tasks alive in the controller (flat over time: no task leaks)",
+    registry=REGISTRY,
+)
 webhook_drops = Counter(
     "switchyard_webhook_events_dropped_total",
     "Events a webhook receiver never got: `queue_full` (it fell 1,000 events behind, the "
@@ -200,6 +206,18 @@ for _type in XDS_TYPES:
         _family.labels(_type)
 for _reason in WEBHOOK_DROP_REASONS:
     webhook_drops.labels(_reason)
+
+
+
+def _count_tasks() -> float:
+    """Read at scrape time, on the event loop (the admin API serves /metrics)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped off the loop: unknown
+        return float("nan")
+
+
+asyncio_tasks.set_function(_count_tasks)
 
 _seen_versions: set[tuple[str, str]] = set()
 
