@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up observe test lint bench clean protos system-deps
+.PHONY: up observe test test-vllm lint bench clean protos system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ observe: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The scenarios of tests/scenarios/ again, against real vLLM servers instead of the simulator:
+# vLLM's CPU build in its own .venv-vllm (scripts/vllm-env.sh, about 2 min the first time) and
+# a tiny random model generated on first use (.vllm-test/). docs/runtimes.md says what it covers.
+test-vllm: $(STAMP)
+	scripts/vllm-env.sh
+	SWITCHYARD_TEST_BACKEND=vllm $(BIN)/python -m pytest -q tests/scenarios
 
 # The Python code of protos/ (Envoy's metrics service), committed under controlplane/_gen;
 # tests/test_envoy_stats.py fails when it is stale.

@@ -334,7 +334,11 @@ class LocalRuntime:
             *backend.vllm.argv(), "--host", self.host, "--port", str(port),
             "--served-model-name", record.model, *backend.vllm.args,
         ]  # fmt: skip
-        if self._sleeps(record) and "--enable-sleep-mode" not in argv:
+        # Sleep mode frees the GPU while parked. A platform that refuses the flag (vLLM's
+        # CPU build) is told `--no-enable-sleep-mode` in `args`: never overridden, and its
+        # sleep endpoints (dev mode, below) still pause and resume the engine.
+        chosen = {"--enable-sleep-mode", "--no-enable-sleep-mode"} & set(backend.vllm.args)
+        if self._sleeps(record) and not chosen:
             argv.append("--enable-sleep-mode")
         return argv
 
