@@ -35,7 +35,10 @@ E2E_BUCKETS = (
 )  # fmt: skip
 
 # vLLM pre-creates one success series per finish reason, so they exist (at 0) before traffic.
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # awake, level 1, level 2
+LABELS = ["model_name", "engine"]  # vLLM labels every engine metric with both
+ENGINE = "0"  # one engine per server (no data parallelism)
 
 
 class Histogram:
@@ -54,29 +57,35 @@ class Histogram:
         self.sum += value * count
 
     def family(self, name: str, doc: str, model: str) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(name, doc, labels=["model_name"])
+        family = HistogramMetricFamily(name, doc, labels=LABELS)
         buckets, total = [], 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
             total += count
             buckets.append((floatToGoString(bound), total))
         buckets.append(("+Inf", total + self.counts[-1]))
-        family.add_metric([model], buckets, self.sum)
+        family.add_metric([model, ENGINE], buckets, self.sum)
         return family
 
 
 class SimMetrics:
     """The counters, gauges and histograms of one simulated vLLM server."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, kv_cache_tokens: int = 65536) -> None:
         self.model = model
         self.running = 0
         self.waiting = 0
+        self.kv_tokens = 0  # tokens the running requests hold in the KV cache
+        self.kv_cache_tokens = kv_cache_tokens
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found there
+        self.sleep_state = "awake"
         self.success = dict.fromkeys(FINISH_REASONS, 0)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.queue = Histogram(E2E_BUCKETS)  # vLLM's request_queue_time buckets
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -88,48 +97,63 @@ class SimMetrics:
         self.e2e.observe(e2e)
 
     def collect(self) -> Iterator[Metric]:
-        model = self.model
-        labels = ["model_name"]
-        running = GaugeMetricFamily(
-            "vllm:num_requests_running", "Number of requests in model execution batches.",
-            labels=labels,
-        )
-        running.add_metric([model], self.running)
-        yield running
-        waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-            labels=labels,
-        )
-        waiting.add_metric([model], self.waiting)
-        yield waiting
-        prompt = CounterMetricFamily(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels
-        )
-        prompt.add_metric([model], self.prompt_tokens)
-        yield prompt
-        generation = CounterMetricFamily(
-            "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
-        )
-        generation.add_metric([model], self.generation_tokens)
-        yield generation
+        ids = [self.model, ENGINE]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(ids, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(ids, value)
+            return family
+
+        yield gauge("vllm:num_requests_running",
+                    "Number of requests in model execution batches.", self.running)
+        yield gauge("vllm:num_requests_waiting",
+                    "Number of requests waiting to be processed.", self.waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                    min(1.0, self.kv_tokens / self.kv_cache_tokens))
+        sleep = GaugeMetricFamily(
+            "vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping; "
+            "awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; "
+            "discard_all = 1 means sleep level 2.", labels=[*LABELS, "sleep_state"],
+        )  # fmt: skip
+        for state in SLEEP_STATES:
+            sleep.add_metric([*ids, state], 1.0 if state == self.sleep_state else 0.0)
+        yield sleep
+        yield counter("vllm:prefix_cache_queries",
+                      "Prefix cache queries, in terms of number of queried tokens.",
+                      self.prefix_queries)
+        yield counter("vllm:prefix_cache_hits",
+                      "Prefix cache hits, in terms of number of cached tokens.", self.prefix_hits)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                      self.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                      self.generation_tokens)
         success = CounterMetricFamily(
             "vllm:request_success", "Count of successfully processed requests.",
-            labels=["model_name", "finished_reason"],
+            labels=[*LABELS, "finished_reason"],
         )
         for reason, count in self.success.items():
-            success.add_metric([model, reason], count)
+            success.add_metric([*ids, reason], count)
         yield success
         yield self.ttft.family(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-            model,
+            self.model,
         )
         yield self.itl.family(
             "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-            model,
+            self.model,
         )
         yield self.e2e.family(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-            model,
+            self.model,
+        )
+        yield self.queue.family(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.", self.model,
         )
 
     def render(self) -> bytes:

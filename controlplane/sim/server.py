@@ -15,10 +15,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -30,8 +32,8 @@ from controlplane.sim.metrics import SimMetrics
 
 log = logs.get("sim")
 
-# The vLLM release whose API this sim imitates; `/version` reports it when no label is set.
-VLLM_VERSION = "0.0.0+sim"
+# The vLLM release whose API this sim imitates (tests/fixtures/vllm/ was captured from it).
+VLLM_VERSION = "0.32.0"
 EMBEDDING_DIM = 16
 MAX_BODY_BYTES = 64 * 1024 * 1024  # long-context prompts are large; aiohttp's 1 MiB is too small
 POLL_S = 0.1  # how often long waits look for a vanished client or a cleared hang
@@ -45,10 +47,15 @@ WORDS = (
 )
 _FIRST_TOKEN_JSON = [json.dumps(word) for word in WORDS]
 _NEXT_TOKEN_JSON = [json.dumps(" " + word) for word in WORDS]
+# What an engine woken from level-2 sleep without reloading its weights says instead.
+GARBAGE = ("\u00bf", "\u00fe", "\u00a4", "\u00a7", "\u00b6", "\u00f0", "\u00ff")
+_GARBAGE_JSON = [json.dumps(word) for word in GARBAGE]
+PREFIX_BLOCK = 16  # tokens per prefix-cache block, vLLM's default block size
+PREFIX_CACHE_BLOCKS = 8192  # blocks one server keeps (least recently used go first)
 
 JSON_TYPE = "application/json"
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like vLLM's pydantic output
-_FAULT_KEYS = ("error_rate", "status", "ttft_ms", "itl_ms", "hang")
+_FAULT_KEYS = ("error_rate", "status", "ttft_ms", "itl_ms", "hang", "sleep_ms", "wake_ms")
 
 
 @dataclass
@@ -62,16 +69,30 @@ class SimConfig:
     startup_ms: float = 0.0  # like vLLM loading weights: the port opens only after this
     max_model_len: int = 8192  # context window, reported by /v1/models and enforced like vLLM
     seed: int = 0  # seeds the error_rate fault's RNG so runs are repeatable
+    max_num_seqs: int = 256  # requests running at once; more wait in a queue, as in vLLM
+    kv_cache_tokens: int = 65536  # KV-cache size: vllm:kv_cache_usage_perc is used / this
 
 
 class RequestError(Exception):
     """A request vLLM would reject; carries the status and OpenAI error type to answer with."""
 
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError",
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
+        self.param = param
+
+
+def _prompt_too_long(limit: int, prompt_tokens: int) -> RequestError:
+    """vLLM stops counting a prompt's tokens one past the context window."""
+    seen = min(prompt_tokens, limit + 1)
+    return RequestError(400, (
+        f"This model's maximum context length is {limit} tokens. However, your prompt "
+        f"contains at least {seen} input tokens, which exceeds this limit even without any "
+        f"output tokens. Please reduce the length of the input prompt. (parameter=input_tokens,"
+        f" value={seen})"), param="input_tokens")  # fmt: skip
 
 
 def _error_type(status: int) -> str:
@@ -83,41 +104,41 @@ def _error_type(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def _words(text: Any) -> int:
-    return len(text.split()) if isinstance(text, str) else 0
-
-
-def _chat_prompt_tokens(messages: list[Any]) -> int:
-    """Approximate prompt tokens as the whitespace word count of all message text."""
-    count = 0
+def _chat_prompt_words(messages: list[Any]) -> list[str]:
+    """The prompt's tokens, approximated as the words of all message text."""
+    words: list[str] = []
     for message in messages:
         if not isinstance(message, dict):
             raise RequestError(400, "messages: each message must be an object")
         content = message.get("content")
         if isinstance(content, str):
-            count += len(content.split())
+            words += content.split()
         elif isinstance(content, list):
             for part in content:
-                if isinstance(part, dict):
-                    count += _words(part.get("text"))
-    return max(count, 1)
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    words += part["text"].split()
+    return words
+
+
+def _completion_prompt_words(prompt: Any) -> list[str]:
+    """Strings give words; token-id lists give ids (vLLM accepts both, and lists of them)."""
+    if isinstance(prompt, str):
+        return prompt.split()
+    if isinstance(prompt, list):
+        words: list[str] = []
+        for item in prompt:
+            if isinstance(item, str):
+                words += item.split()
+            elif isinstance(item, list):
+                words += map(str, item)
+            else:
+                words.append(str(item))  # a token id
+        return words
+    raise RequestError(400, "prompt: must be a string, a list of strings or of token ids")
 
 
 def _completion_prompt_tokens(prompt: Any) -> int:
-    """Strings count words; token-id lists count ids (vLLM accepts both, and lists of them)."""
-    if isinstance(prompt, str):
-        return max(len(prompt.split()), 1)
-    if isinstance(prompt, list):
-        count = 0
-        for item in prompt:
-            if isinstance(item, str):
-                count += len(item.split())
-            elif isinstance(item, list):
-                count += len(item)
-            else:
-                count += 1  # a token id
-        return max(count, 1)
-    raise RequestError(400, "prompt: must be a string, a list of strings or of token ids")
+    return max(len(_completion_prompt_words(prompt)), 1)
 
 
 def _embedding(text: str, dims: int) -> list[float]:
@@ -134,7 +155,7 @@ class Sim:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.model = config.model
-        self.metrics = SimMetrics(config.model)
+        self.metrics = SimMetrics(config.model, config.kv_cache_tokens)
         self.headers = {"x-sim-version": config.version} if config.version else {}
         self.sse_headers = {
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -144,8 +165,15 @@ class Sim:
         self._model_json = json.dumps(config.model)
         self._rng = random.Random(config.seed)
         self.faults: dict[str, Any] = {}
-        self.sleeping = False
+        # vLLM sleep mode: what is asleep (`weights`, `kv_cache`); requests wait until neither.
+        self.asleep: set[str] = set()
         self.sleep_level = 0
+        self._awake = asyncio.Event()
+        self._awake.set()
+        self._garbage = False  # level 2 discarded the weights; only reload_weights fixes that
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path
+        self._slots = asyncio.Semaphore(config.max_num_seqs)
+        self._prefix: OrderedDict[int, None] = OrderedDict()  # cached prompt blocks (hashes)
         self._closing = False
         self._faults_changed = asyncio.Event()
         self._apply_faults()
@@ -157,15 +185,21 @@ class Sim:
         for word in words:
             end += len(word) + (1 if end else 0)
             self._text_ends.append(end)
-        created = int(time.time())
-        self._models_body = _dumps({
-            "object": "list",
-            "data": [{
-                "id": config.model, "object": "model", "created": created, "owned_by": "vllm",
-                "root": config.model, "parent": None, "max_model_len": config.max_model_len,
-                "permission": [],
-            }],
-        }).encode()
+        self._created = int(time.time())
+        self._models_body = self._list_models()
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def _list_models(self) -> bytes:
+        """/v1/models as vLLM lists it: the served model, then each LoRA adapter (`parent`)."""
+        base = {"id": self.model, "object": "model", "created": self._created,
+                "owned_by": "vllm", "root": self.model, "parent": None,
+                "max_model_len": self.config.max_model_len, "permission": []}
+        adapters = [{**base, "id": name, "root": path, "parent": self.model,
+                     "max_model_len": None} for name, path in self.adapters.items()]
+        return _dumps({"object": "list", "data": [base, *adapters]}).encode()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -177,6 +211,8 @@ class Sim:
         self._error_rate = float(faults.get("error_rate", 0.0))
         self._error_status = int(faults.get("status", 500))
         self._hang = bool(faults.get("hang", False))
+        self._sleep_s = (faults.get("sleep_ms", 0.0)) / 1000.0
+        self._wake_s = (cfg.wake_ms + faults.get("wake_ms", 0.0)) / 1000.0
         self._gated = self.sleeping or self._hang or self._error_rate > 0 or self._closing
         self._faults_changed.set()
         self._faults_changed = asyncio.Event()
@@ -187,9 +223,10 @@ class Sim:
             headers=self.headers,
         )
 
-    def _error(self, status: int, message: str, kind: str | None = None) -> web.Response:
+    def _error(self, status: int, message: str, kind: str | None = None,
+               param: str | None = None) -> web.Response:
         """An error in vLLM's OpenAI shape."""
-        error = {"message": message, "type": kind or _error_type(status), "param": None,
+        error = {"message": message, "type": kind or _error_type(status), "param": param,
                  "code": status}
         return self._json({"error": error}, status)
 
@@ -230,19 +267,30 @@ class Sim:
                 await asyncio.sleep(min(left, POLL_S))
 
     async def _gate(self, request: web.Request) -> web.Response | None:
-        """Sleep mode and injected faults, checked before the request is even parsed."""
+        """Sleep mode and injected faults, checked before the request is even parsed. Like
+        vLLM, a request that arrives while the engine sleeps waits until it is awake."""
         if (self._hang and not await self._pause(request, None)) or self._closing:
             return self._gone()
-        if self.sleeping:
-            return self._error(503, "The engine is sleeping; POST /wake_up first.",
-                               "ServiceUnavailableError")
+        if self.sleeping and not await self._until_awake(request):
+            return self._gone()
         rate = self._error_rate
         if rate > 0 and (rate >= 1.0 or self._rng.random() < rate):
+            self.metrics.success["error"] += 1
             response = self._error(self._error_status,
                                    f"Injected fault: status {self._error_status}.")
             response.headers["x-sim-fault"] = "error_rate"
             return response
         return None
+
+    async def _until_awake(self, request: web.Request) -> bool:
+        """Hold a request while the engine sleeps; False if its client left meanwhile."""
+        while self.sleeping:
+            transport = request.transport
+            if self._closing or transport is None or transport.is_closing():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._awake.wait(), POLL_S)
+        return True
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -252,8 +300,9 @@ class Sim:
         if not isinstance(body, dict):
             raise RequestError(400, "Request body must be a JSON object.")
         model = body.get("model")
-        if model is not None and model != self.model:
-            raise RequestError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if model is not None and model != self.model and model not in self.adapters:
+            raise RequestError(404, f"The model `{model}` does not exist. Valid aliases: "
+                               f"{self.model}.", "NotFoundError", "model")
         return body
 
     def _max_tokens(self, body: dict[str, Any], chat: bool, prompt_tokens: int) -> tuple[int, str]:
@@ -265,13 +314,17 @@ class Sim:
         if requested is None:
             tokens, reason = min(self.config.max_tokens_default, limit - prompt_tokens), "stop"
             if tokens < 1:
-                raise RequestError(400, (
-                    f"This model's maximum context length is {limit} tokens. However, your "
-                    f"request has {prompt_tokens} input tokens. Please reduce the length of the "
-                    "input messages."))
+                raise _prompt_too_long(limit, prompt_tokens)
             return tokens, reason
         if type(requested) is not int or requested < 1:
             raise RequestError(400, f"max_tokens must be at least 1, got {requested!r}.")
+        if requested > limit:
+            raise RequestError(400, (
+                f"max_tokens={requested} cannot be greater than max_model_len={limit}. Please "
+                f"request fewer output tokens. (parameter=max_tokens, value={requested})"),
+                param="max_tokens")
+        if prompt_tokens >= limit:
+            raise _prompt_too_long(limit, prompt_tokens)
         if prompt_tokens + requested > limit:
             raise RequestError(400, (
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -300,33 +353,77 @@ class Sim:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
                     raise RequestError(400, "messages: field required (a non-empty list).")
-                prompt_tokens = _chat_prompt_tokens(messages)
+                words = _chat_prompt_words(messages)
             else:
                 prompt = body.get("prompt")
                 if prompt is None or prompt == "" or prompt == []:
                     raise RequestError(400, "prompt: field required (a non-empty prompt).")
-                prompt_tokens = _completion_prompt_tokens(prompt)
+                words = _completion_prompt_words(prompt)
+            prompt_tokens = max(len(words), 1)
             tokens, reason = self._max_tokens(body, chat, prompt_tokens)
         except RequestError as exc:
-            return self._error(exc.status, exc.message, exc.kind)
+            return self._error(exc.status, exc.message, exc.kind, exc.param)
 
         metrics = self.metrics
+        held = prompt_tokens + tokens  # KV-cache tokens this request holds while it runs
+        if self._slots.locked():  # max_num_seqs running: wait in the queue, as vLLM does
+            metrics.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                metrics.waiting -= 1
+        else:
+            await self._slots.acquire()
+        metrics.queue.observe(time.perf_counter() - arrival)
         metrics.running += 1
+        metrics.kv_tokens += held
         try:
+            cached = self._prefix_cached(words, prompt_tokens)
+            ttft_s = self._ttft_s * (prompt_tokens - cached) / prompt_tokens
+            model = body.get("model") or self.model
             if body.get("stream"):
                 options = body.get("stream_options")
                 usage = isinstance(options, dict) and bool(options.get("include_usage"))
                 return await self._stream(request, chat, arrival, prompt_tokens, tokens, reason,
-                                          usage)
-            return await self._complete(request, chat, arrival, prompt_tokens, tokens, reason)
+                                          usage, ttft_s, model)
+            return await self._complete(request, chat, arrival, prompt_tokens, tokens, reason,
+                                        ttft_s, model)
         finally:
             metrics.running -= 1
+            metrics.kv_tokens -= held
+            self._slots.release()
+
+    def _prefix_cached(self, words: list[str], prompt_tokens: int) -> int:
+        """vLLM's automatic prefix caching, per server: the prompt's full blocks, each hash
+        chained on the previous one, are looked up and then cached; returns how many prompt
+        tokens were found (their prefill is skipped: a shorter time to first token)."""
+        metrics = self.metrics
+        metrics.prefix_queries += prompt_tokens
+        blocks = len(words) // PREFIX_BLOCK
+        if not blocks:
+            return 0
+        cache, chained, hits, missed = self._prefix, 0, 0, False
+        for index in range(blocks):
+            chained = hash((chained, *words[index * PREFIX_BLOCK:(index + 1) * PREFIX_BLOCK]))
+            if not missed and chained in cache:
+                hits += PREFIX_BLOCK
+                cache.move_to_end(chained)
+            else:
+                missed = True
+                cache[chained] = None
+        while len(cache) > PREFIX_CACHE_BLOCKS:
+            cache.popitem(last=False)
+        if hits >= prompt_tokens:
+            hits -= PREFIX_BLOCK  # the last block is computed again for the first token
+        metrics.prefix_hits += hits
+        return hits
 
     async def _complete(self, request: web.Request, chat: bool, arrival: float,
-                        prompt_tokens: int, tokens: int, reason: str) -> web.StreamResponse:
+                        prompt_tokens: int, tokens: int, reason: str, ttft_s: float,
+                        model: str) -> web.StreamResponse:
         """A non-streaming answer, after the same wait the stream would have taken."""
         metrics = self.metrics
-        ttft_s, itl_s = self._ttft_s, self._itl_s
+        itl_s = self._itl_s
         if ttft_s > 0 and not await self._pause(request, ttft_s):
             metrics.finish("abort", prompt_tokens, 0, time.perf_counter() - arrival)
             return self._gone()
@@ -341,7 +438,10 @@ class Sim:
             metrics.itl.observe((end - first) / (tokens - 1), tokens - 1)
         metrics.finish(reason, prompt_tokens, tokens, end - arrival)
 
-        text = self._text_of(tokens)
+        if self._garbage:
+            text = "".join(GARBAGE[i % len(GARBAGE)] for i in range(tokens))
+        else:
+            text = self._text_of(tokens)
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + tokens,
                  "completion_tokens": tokens, "prompt_tokens_details": None}
         if chat:
@@ -350,26 +450,27 @@ class Sim:
                       "logprobs": None, "finish_reason": reason, "stop_reason": None}
             payload = {"id": f"chatcmpl-{random.getrandbits(128):032x}",
                        "object": "chat.completion", "created": int(time.time()),
-                       "model": self.model, "choices": [choice], "usage": usage,
+                       "model": model, "choices": [choice], "usage": usage,
                        "prompt_logprobs": None}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
                       "stop_reason": None, "prompt_logprobs": None}
             payload = {"id": f"cmpl-{random.getrandbits(128):032x}",
                        "object": "text_completion", "created": int(time.time()),
-                       "model": self.model, "choices": [choice], "usage": usage}
+                       "model": model, "choices": [choice], "usage": usage}
         return self._json(payload)
 
     async def _stream(self, request: web.Request, chat: bool, arrival: float,
-                      prompt_tokens: int, tokens: int, reason: str,
-                      include_usage: bool) -> web.StreamResponse:
+                      prompt_tokens: int, tokens: int, reason: str, include_usage: bool,
+                      ttft_s: float, model: str) -> web.StreamResponse:
         """SSE chunks written as they are produced; with no inter-token latency, in one write."""
         metrics = self.metrics
-        ttft_s, itl_s = self._ttft_s, self._itl_s
+        itl_s = self._itl_s
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(128):032x}"
         obj = "chat.completion.chunk" if chat else "text_completion"
+        model_json = self._model_json if model == self.model else json.dumps(model)
         head = (f'data: {{"id":"{rid}","object":"{obj}","created":{int(time.time())},'
-                f'"model":{self._model_json},"choices":[')
+                f'"model":{model_json},"choices":[')
         if chat:
             role = head + ('{"index":0,"delta":{"role":"assistant","content":""},'
                            '"logprobs":null,"finish_reason":null}]}\n\n')
@@ -386,10 +487,13 @@ class Sim:
             tail = (f'{head}],"usage":{{"prompt_tokens":{prompt_tokens},'
                     f'"total_tokens":{prompt_tokens + tokens},"completion_tokens":{tokens}}}}}\n\n')
         tail += "data: [DONE]\n\n"
-        n_words = len(WORDS)
+        first, following = _FIRST_TOKEN_JSON, _NEXT_TOKEN_JSON
+        if self._garbage:
+            first = following = _GARBAGE_JSON
+        n_words = len(following)
 
         def chunk(i: int) -> str:
-            piece = _FIRST_TOKEN_JSON[0] if i == 0 else _NEXT_TOKEN_JSON[i % n_words]
+            piece = first[0] if i == 0 else following[i % n_words]
             return open_ + piece + (last + tail if i == tokens - 1 else close)
 
         response = web.StreamResponse(headers=self.sse_headers)
@@ -476,7 +580,7 @@ class Sim:
         return web.Response(headers=self.headers)
 
     async def version(self, request: web.Request) -> web.Response:
-        return self._json({"version": self.config.version or VLLM_VERSION})
+        return self._json({"version": VLLM_VERSION})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -486,25 +590,93 @@ class Sim:
     # -- sleep mode --------------------------------------------------------------------------
 
     async def sleep(self, request: web.Request) -> web.Response:
+        """vLLM's POST /sleep?level=0|1|2[&mode=abort|wait|keep]. From now on requests wait
+        until the engine is awake; with mode=wait it first lets the running ones finish (the
+        sim never aborts: its running requests finish either way). Level 2 discards the
+        weights: after waking they are garbage until /collective_rpc reload_weights."""
         level = request.query.get("level", "1")
-        if level not in ("1", "2"):
-            return self._error(400, f"level must be 1 or 2, got {level!r}.")
-        self.sleeping, self.sleep_level = True, int(level)
+        if level not in ("0", "1", "2"):
+            return self._error(400, f"level must be 0, 1 or 2, got {level!r}.", "Bad Request",
+                               "query.level")
+        self.asleep = {"weights", "kv_cache"}
+        self.sleep_level = int(level)
+        self._awake.clear()
+        self._garbage = self._garbage or level == "2"
+        self.metrics.sleep_state = {"1": "weights_offloaded", "2": "discard_all"}.get(level, "")
         self._apply_faults()
+        if request.query.get("mode") == "wait":
+            while self.metrics.running and not self._closing:
+                await asyncio.sleep(POLL_S / 10)
+        if self._sleep_s > 0:
+            await asyncio.sleep(self._sleep_s)
         logs.event(log, "sim sleeping", model=self.model, level=level)
-        return web.Response(headers=self.headers)
+        return self._json({"status": "sleeping", "level": int(level)})
 
     async def wake_up(self, request: web.Request) -> web.Response:
-        if self.sleeping and self.config.wake_ms > 0:
-            await asyncio.sleep(self.config.wake_ms / 1000.0)
-        if self.sleeping:
-            self.sleeping, self.sleep_level = False, 0
+        """vLLM's POST /wake_up[?tags=weights|kv_cache]: wakes what the tags name (all without
+        tags); the engine serves again once nothing is asleep."""
+        tags = request.query.getall("tags", [])
+        if self.sleeping and self._wake_s > 0:
+            await asyncio.sleep(self._wake_s)
+        self.asleep -= set(tags) if tags else self.asleep
+        if not self.sleeping and not self._awake.is_set():
+            self.sleep_level = 0
+            self.metrics.sleep_state = "awake"
+            self._awake.set()
             self._apply_faults()
-            logs.event(log, "sim awake", model=self.model)
-        return web.Response(headers=self.headers)
+            logs.event(log, "sim awake", model=self.model, garbage=self._garbage)
+        status = "sleeping" if self.sleeping else "awake"
+        return self._json({"status": status, "tags": tags or None})
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
         return self._json({"is_sleeping": self.sleeping})
+
+    async def collective_rpc(self, request: web.Request) -> web.Response:
+        """vLLM's dev-mode POST /collective_rpc; the sim knows `reload_weights` (after a
+        level-2 sleep: the weights from disk again, no more garbage)."""
+        try:
+            body = json.loads(await request.read())
+            method = body["method"]
+        except (ValueError, TypeError, KeyError):
+            return self._error(400, "body must be a JSON object with a 'method'")
+        if method != "reload_weights":
+            return self._error(500, f"method {method!r} is not known to the simulator")
+        self._garbage = False
+        logs.event(log, "sim weights reloaded", model=self.model)
+        return self._json({"results": [None]})
+
+    # -- LoRA adapters at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING) ---------------------------
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            name, path = body["lora_name"], body["lora_path"]
+        except (ValueError, TypeError, KeyError):
+            return self._error(400, "lora_name and lora_path are required")
+        if name in self.adapters:
+            return self._error(400, f"The lora adapter '{name}' has already been loaded. If you "
+                               "want to load the adapter in place, set 'load_inplace' to True.",
+                               "InvalidUserInput")  # fmt: skip
+        if not os.path.isfile(os.path.join(str(path), "adapter_config.json")):
+            return self._error(404, f"Loading lora {name} failed: No adapter found for {path}",
+                               "NotFoundError")  # fmt: skip
+        self.adapters[name] = str(path)
+        self._models_body = self._list_models()
+        logs.event(log, "sim adapter loaded", model=self.model, adapter=name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.",
+                            headers=self.headers)  # fmt: skip
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        try:
+            name = json.loads(await request.read())["lora_name"]
+        except (ValueError, TypeError, KeyError):
+            return self._error(400, "lora_name is required")
+        if self.adapters.pop(name, None) is None:
+            return self._error(404, f"The lora adapter '{name}' cannot be found.",
+                               "NotFoundError")
+        self._models_body = self._list_models()
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.",
+                            headers=self.headers)  # fmt: skip
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -555,7 +727,8 @@ def _fault_problem(key: str, value: Any) -> str | None:
         return f"error_rate must be a number in [0, 1], got {value!r}"
     if key == "status" and not (type(value) is int and 400 <= value <= 599):
         return f"status must be an integer HTTP error status in 400..599, got {value!r}"
-    if key in ("ttft_ms", "itl_ms") and not (_is_number(value) and value >= 0):
+    durations = ("ttft_ms", "itl_ms", "sleep_ms", "wake_ms")
+    if key in durations and not (_is_number(value) and value >= 0):
         return f"{key} must be a non-negative number of milliseconds, got {value!r}"
     if key == "hang" and not isinstance(value, bool):
         return f"hang must be true or false, got {value!r}"
@@ -580,6 +753,9 @@ def make_app(config: SimConfig) -> web.Application:
     app.router.add_post("/sleep", sim.sleep)
     app.router.add_post("/wake_up", sim.wake_up)
     app.router.add_get("/is_sleeping", sim.is_sleeping)
+    app.router.add_post("/collective_rpc", sim.collective_rpc)
+    app.router.add_post("/v1/load_lora_adapter", sim.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", sim.unload_lora_adapter)
     app.router.add_get("/sim/faults", sim.get_faults)
     app.router.add_post("/sim/faults", sim.post_faults)
     app.router.add_delete("/sim/faults", sim.delete_faults)
