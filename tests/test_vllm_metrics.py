@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -136,17 +137,50 @@ def test_parse_sums_over_other_labels_and_keeps_the_served_model() -> None:
     other.ttft.observe(9.0, 100)
     text = ours.render().decode()
     # Two engines of one server (vLLM's data parallel labels each with engine="N").
-    engines = text.replace('model_name="', 'engine="0",model_name="') + text.replace(
-        'model_name="', 'engine="1",model_name="'
-    )
+    engines = text + text.replace('engine="0"', 'engine="1"')
     scrape = parse(engines + other.render().decode(), MODEL)
-    assert scrape.gauges == {"running": 4.0, "waiting": 2.0}
+    assert scrape.gauges == {"running": 4.0, "waiting": 2.0, "kv_cache": 0.0}
+    assert scrape.asleep is False
     bounds, cumulative = scrape.histograms["ttft_s"]
     assert bounds[:6] == (0.001, 0.005, 0.01, 0.02, 0.04, 0.06)
     assert cumulative[-1] == 6.0  # +Inf: three observations on each engine
     assert {"ttft_s", "itl_s", "e2e_s"} == set(scrape.histograms)
     # A server whose series do not name the model (another served name): all of them count.
-    assert parse(text, "not-served-here").gauges == {"running": 2.0, "waiting": 1.0}
+    assert parse(text, "not-served-here").gauges == {"running": 2.0, "waiting": 1.0,
+                                                     "kv_cache": 0.0}  # fmt: skip
+
+
+REAL_METRICS = (Path(__file__).parent / "fixtures" / "vllm" / "metrics.txt").read_text()
+
+
+def test_parse_reads_a_real_vllm_exposition() -> None:
+    """vLLM 0.32's own /metrics (tests/fixtures/vllm/capture.py): four chat requests of 4
+    tokens (one to a LoRA adapter) and one completion of 2; hundreds of lines we skip."""
+    scrape = parse(REAL_METRICS, "tiny")
+    assert scrape.gauges == {"running": 0.0, "waiting": 0.0, "kv_cache": 0.0}
+    assert scrape.asleep is False
+    for field in ("ttft_s", "itl_s", "e2e_s"):
+        bounds, cumulative = scrape.histograms[field]
+        assert len(cumulative) == len(bounds) + 1 and cumulative == sorted(cumulative)
+    assert scrape.histograms["ttft_s"][1][-1] == 5.0  # five requests got a first token
+    assert scrape.histograms["itl_s"][1][-1] == 3 * 4 + 1  # tokens after the first
+    assert scrape.histograms["ttft_s"][0][:3] == (0.001, 0.005, 0.01)  # vLLM's buckets
+
+
+def test_parse_falls_back_to_time_per_output_token_of_older_vllm() -> None:
+    older = REAL_METRICS.replace("vllm:inter_token_latency_seconds",
+                                 "vllm:time_per_output_token_seconds")  # fmt: skip
+    assert "vllm:inter_token_latency" not in older
+    assert parse(older, "tiny").histograms["itl_s"] == parse(REAL_METRICS, "tiny").histograms[
+        "itl_s"]  # fmt: skip
+
+
+def test_parse_sees_a_sleeping_engine() -> None:
+    asleep = REAL_METRICS.replace('sleep_state="awake"} 1.0', 'sleep_state="awake"} 0.0')
+    asleep = asleep.replace('sleep_state="weights_offloaded"} 0.0',
+                            'sleep_state="weights_offloaded"} 1.0')  # fmt: skip
+    assert parse(asleep, "tiny").asleep is True
+    assert parse(REAL_METRICS, "tiny").asleep is False
 
 
 def test_histogram_delta_subtracts_and_survives_resets() -> None:

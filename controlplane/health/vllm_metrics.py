@@ -1,9 +1,10 @@
 """Scrape vLLM's `/metrics` on every ready endpoint and push per-second deltas to HealthSignals.
 
-What comes from here: time to first token, inter-token latency and end-to-end latency
-(histogram deltas between two scrapes) and the queue gauges (requests running and waiting),
-per version, with the endpoint URL as the delta's `source` so that gauges are summed across
-endpoints.
+What comes from here: time to first token, inter-token latency (`time_per_output_token`
+on vLLM before 0.11) and end-to-end latency (histogram deltas between two scrapes) and the
+queue gauges (requests running and waiting), per version, with the endpoint URL as the
+delta's `source` so that gauges are summed across endpoints. vLLM labels every series with
+`model_name` and `engine`; series are summed over every label but the model.
 
 What does not: `requests` and `errors` stay 0 in these deltas on purpose. Envoy's stats are
 the one source of traffic counts (they see every request, including the ones a backend never
@@ -40,11 +41,15 @@ log = logs.get("health.vllm")
 
 TTFT = "vllm:time_to_first_token_seconds"
 ITL = "vllm:inter_token_latency_seconds"
+TPOT = "vllm:time_per_output_token_seconds"  # vLLM before 0.11: its name for ITL
 E2E = "vllm:e2e_request_latency_seconds"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
-HISTOGRAMS = {TTFT: "ttft_s", ITL: "itl_s", E2E: "e2e_s"}  # vLLM name -> Delta field
-GAUGES = {RUNNING: "running", WAITING: "waiting"}
+KV_CACHE = "vllm:kv_cache_usage_perc"
+SLEEP_STATE = "vllm:engine_sleep_state"  # awake=1, or weights_offloaded/discard_all=1
+HISTOGRAMS = {TTFT: "ttft_s", ITL: "itl_s", TPOT: "tpot_s", E2E: "e2e_s"}  # -> Delta field
+GAUGES = {RUNNING: "running", WAITING: "waiting", KV_CACHE: "kv_cache", SLEEP_STATE: "awake"}
+DELTA_GAUGES = ("running", "waiting")  # what HealthSignals keeps of them
 MODEL_LABEL = "model_name"
 
 # The `# TYPE` lines and the samples of the series we use; nothing else is parsed.
@@ -60,7 +65,8 @@ class Scrape:
     """One endpoint's parsed `/metrics`: cumulative buckets per histogram, gauge values."""
 
     histograms: dict[str, tuple[tuple[float, ...], list[float]]]  # field -> (bounds, cumulative)
-    gauges: dict[str, float]  # field -> value
+    gauges: dict[str, float]  # field -> value: running, waiting, kv_cache (usage, 0-1)
+    asleep: bool | None = None  # vllm:engine_sleep_state says so (None: no such series)
 
 
 def parse(text: str, served_model: str) -> Scrape:
@@ -74,6 +80,8 @@ def parse(text: str, served_model: str) -> Scrape:
         for sample in family.samples:
             name = sample.name
             mine = sample.labels.get(MODEL_LABEL) == served_model
+            if name == SLEEP_STATE and sample.labels.get("sleep_state") != "awake":
+                continue  # only the `awake` series: 1 awake, 0 asleep
             if name in GAUGES:
                 per = gauges[GAUGES[name]]
                 per[mine] = per.get(mine, 0.0) + sample.value
@@ -92,10 +100,14 @@ def parse(text: str, served_model: str) -> Scrape:
             continue
         bounds = sorted(per_le)
         histograms[field] = (tuple(bounds[:-1]), [per_le[bound] for bound in bounds])
+    tpot = histograms.pop("tpot_s", None)
+    if "itl_s" not in histograms and tpot is not None:
+        histograms["itl_s"] = tpot  # an older vLLM
     values = {
         field: by_mine.get(True, by_mine.get(False)) for field, by_mine in gauges.items() if by_mine
     }
-    return Scrape(histograms, values)
+    awake = values.pop("awake", None)
+    return Scrape(histograms, values, None if awake is None else awake < 1)
 
 
 def histogram_delta(
@@ -206,8 +218,8 @@ class VllmScraper:
         previous = self._previous.get(key)
         self._previous[key] = scrape
         delta = Delta(time=time.time(), source=url)
-        for field, value in scrape.gauges.items():
-            setattr(delta, field, value)
+        for field in DELTA_GAUGES:
+            setattr(delta, field, scrape.gauges.get(field))
         if previous is not None:
             for field, current in scrape.histograms.items():
                 setattr(delta, field, histogram_delta(current, previous.histograms.get(field)))
