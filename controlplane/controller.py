@@ -386,9 +386,10 @@ class Controller:
                 await self.runtime.scale(model_name, version_name, 0)
             else:
                 await self.runtime.sleep(model_name, version_name, SLEEP_LEVELS[model.park])
-        except SwitchyardError as exc:
+        except Exception as exc:  # parking runs in the background: nothing may escape it
+            message = exc.message if isinstance(exc, SwitchyardError) else repr(exc)
             logs.event(log, "backend.park_failed", logging.WARNING, model=model_name,
-                       version=version_name, error=exc.message)  # fmt: skip
+                       version=version_name, error=message)  # fmt: skip
 
     async def _drained(self, model_name: str, version_name: str, unchanged) -> None:
         """Let the requests Envoy sent the version before it lost its weight arrive and
@@ -403,6 +404,14 @@ class Controller:
             if not figures.in_flight and not figures.running:
                 return
             await asyncio.sleep(0.2)
+
+    async def endpoints_applied(self, timeout: float) -> None:
+        """Until every Envoy runs the endpoints set so far (a version taken out of EDS gets no
+        new request from then on). Raises AckTimeout or EnvoyRejected."""
+        if self._rebuild_pending:
+            self._rebuild_now()
+        if self.snapshot is not None:
+            await self.xds.wait_applied(self.snapshot, timeout)
 
     async def wake(self, model_name: str, version_name: str) -> float:
         """Wake a parked version; the seconds it took (0 when it was not parked)."""

@@ -180,6 +180,18 @@ async def test_a_vllmmodel_becomes_a_deployment_and_service_with_its_vllm_flags(
     assert status["conditions"][0]["status"] == "False"
 
 
+async def test_pods_with_sleep_mode_get_vllms_dev_mode_for_its_sleep_endpoints(kube, runtime):
+    """vLLM serves /sleep, /wake_up, /is_sleeping and /collective_rpc only with
+    VLLM_SERVER_DEV_MODE=1: without it a parked version's /sleep 404s after it left EDS."""
+    await kube.create_model(vllmmodel("llama-3-8b-v1", "v1", enableSleepMode=True))
+    await kube.create_model(vllmmodel("llama-3-8b-v2", "v2"))
+    sleeping = container_of(await until(lambda: kube.get("deployments", "llama-3-8b-v1")))
+    assert "--enable-sleep-mode" in sleeping["args"]
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in sleeping["env"]
+    plain = container_of(await until(lambda: kube.get("deployments", "llama-3-8b-v2")))
+    assert "--enable-sleep-mode" not in plain["args"] and "env" not in plain
+
+
 async def test_a_version_added_through_the_admin_api_gets_a_simulator_vllmmodel(kube, runtime):
     await kube.create_model(vllmmodel("llama-3-8b-v1", "v1"))
     controller = runtime.controller
@@ -592,9 +604,12 @@ async def test_envoy_routes_to_endpointslice_pods_and_a_canary_rollout_runs(kube
         await until(lambda: v1.state == "sleeping", 20, "v1 asleep")
         annotations = kube.get(PLURAL, "llama-3-8b-v1")["metadata"]["annotations"]
         assert annotations["switchyard.io/parked"] == "sleep1"
-        for pod in pods_v1:
-            _, body = await asyncio.to_thread(http_json, "GET", f"{pod}/is_sleeping")
-            assert body["is_sleeping"] is True
+        for pod in pods_v1:  # told to sleep once every Envoy has it out of EDS
+
+            def asleep(pod=pod) -> bool:
+                return http_json("GET", f"{pod}/is_sleeping")[1]["is_sleeping"] is True
+
+            await until(asleep, 20, f"{pod} asleep", io=True)
         await until(lambda: v1_hosts() == set(), 20, "v1 out of EDS", io=True)
         await controller.wake("llama-3-8b", "v1")
         assert v1.state == "active" and len(v1.endpoints) == 2

@@ -71,22 +71,28 @@ class Activator:
     async def _watch_idle(self) -> None:
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
-            now = time.monotonic()
-            for model in list(self.controller.state.models.values()):
-                if model.idle_timeout_s is None or model.active_rollout:
+            try:
+                await self._scale_down_idle()
+            except Exception:  # a bug here must not end scaling to zero for good
+                log.exception("scale.idle_check_failed", extra={"fields": {}})
+
+    async def _scale_down_idle(self) -> None:
+        now = time.monotonic()
+        for model in list(self.controller.state.models.values()):
+            if model.idle_timeout_s is None or model.active_rollout:
+                continue
+            for version in list(model.versions.values()):
+                key = (model.name, version.name)
+                if not version.ready or version.backend.url is not None:  # not ours
+                    self._last_busy.pop(key, None)
                     continue
-                for version in list(model.versions.values()):
-                    key = (model.name, version.name)
-                    if not version.ready or version.backend.url is not None:  # not ours
-                        self._last_busy.pop(key, None)
-                        continue
-                    figures = self.controller.health.window(model.name, version.name, BUSY_WINDOW_S)
-                    if figures.requests or figures.in_flight:
-                        self._last_busy[key] = now
-                    idle = now - self._last_busy.setdefault(key, now)
-                    if idle >= model.idle_timeout_s:
-                        self._last_busy.pop(key, None)
-                        await self.scale_down(model.name, version.name, idle)
+                figures = self.controller.health.window(model.name, version.name, BUSY_WINDOW_S)
+                if figures.requests or figures.in_flight:
+                    self._last_busy[key] = now
+                idle = now - self._last_busy.setdefault(key, now)
+                if idle >= model.idle_timeout_s:
+                    self._last_busy.pop(key, None)
+                    await self.scale_down(model.name, version.name, idle)
 
     async def scale_down(self, model: str, version: str, idle_seconds: float = 0.0) -> None:
         """Park the version with its EDS endpoint on the activator: nothing is lost."""
@@ -98,10 +104,11 @@ class Activator:
                 await self.controller.runtime.scale(model, version, 0)
             else:
                 await self.controller.runtime.sleep(model, version, 2 if park == "sleep2" else 1)
-        except SwitchyardError as exc:
+        except Exception as exc:  # parking only saves resources: keep serving
             self.controller.set_activator(model, version, None)
+            message = exc.message if isinstance(exc, SwitchyardError) else repr(exc)
             logs.event(log, "scale.down_failed", logging.WARNING, model=model, version=version,
-                       error=exc.message)  # fmt: skip
+                       error=message)  # fmt: skip
             return
         metrics.scale_events.labels(model, version, "down").inc()
         logs.event(log, "scale.down", model=model, version=version, idle_s=f"{idle_seconds:.1f}")

@@ -259,11 +259,13 @@ class KubernetesRuntime:
             await self.scale(model, version, 0)  # without sleep mode, stopping frees the GPU
             return
         urls = self._urls(resource)
+        timeout = self.controller.state.model(model).wake_timeout_s
         await self._annotate(resource, f"sleep{level}")
-        self._report(resource)  # out of EDS before the engines go to sleep
-        for url in urls:
-            await self._post(f"{url}/sleep?level={level}")
-        await self._wait_sleeping(urls, True)
+        self._report(resource)  # out of EDS, as every Envoy confirms, before the engines sleep
+        await self.controller.endpoints_applied(timeout)
+        for url in urls:  # mode=wait: requests already in the engine finish, none is aborted
+            await self._post(f"{url}/sleep?level={level}&mode=wait", timeout)
+        await self._wait_sleeping(urls, True, timeout)
 
     async def wake(self, model: str, version: str) -> float:
         resource = self._require(model, version)
@@ -277,9 +279,10 @@ class KubernetesRuntime:
         try:
             if parked and parked.startswith("sleep"):
                 urls = self._urls(resource)
+                timeout = self.controller.state.model(model).wake_timeout_s
                 for url in urls:
-                    await self._post(f"{url}/wake_up")
-                await self._wait_sleeping(urls, False)
+                    await self._wake_engine(url, 2 if parked == "sleep2" else 1, timeout)
+                await self._wait_sleeping(urls, False, timeout)
                 await self._annotate(resource, None)
             else:
                 await self._patch_model(resource, {"metadata": {"annotations": {PARKED: None}}})
@@ -696,14 +699,28 @@ class KubernetesRuntime:
             resource.spec = vllm_args.parse_spec(obj.get("spec"))
         self._kick(resource)
 
-    async def _post(self, url: str) -> None:
+    async def _post(self, url: str, timeout: float, json: dict | None = None) -> None:
+        """vLLM's sleep-mode calls answer when done: seconds to minutes for a large model
+        (`timeout` is the model's wake_timeout_seconds)."""
         assert self._session is not None
         try:
-            async with self._session.post(url) as response:
+            async with self._session.post(
+                url, json=json, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
                 if response.status >= 400:
                     raise Unavailable(f"{url}: HTTP {response.status}")
-        except aiohttp.ClientError as exc:
-            raise Unavailable(f"{url}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{url}: {exc or type(exc).__name__}") from None
+
+    async def _wake_engine(self, url: str, level: int, timeout: float) -> None:
+        """After level 2 the weights were discarded (a plain /wake_up serves garbage): wake
+        the weights, reload them, then the KV cache."""
+        if level >= 2:
+            await self._post(f"{url}/wake_up?tags=weights", timeout)
+            await self._post(f"{url}/collective_rpc", timeout, {"method": "reload_weights"})
+            await self._post(f"{url}/wake_up?tags=kv_cache", timeout)
+        else:
+            await self._post(f"{url}/wake_up", timeout)
 
     async def _wait_sleeping(self, urls: list[str], sleeping: bool, timeout: float = 60) -> None:
         assert self._session is not None

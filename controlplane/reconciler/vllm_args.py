@@ -145,7 +145,7 @@ def container(spec: ModelSpec, sim_image: str) -> dict[str, Any]:
         image = spec.image or DEFAULT_VLLM_IMAGE
         command, args = ["vllm", "serve"], vllm_args(spec)
         resources = _with_gpus(spec.resources or {}, spec.gpu_count)
-    return {
+    serving = {
         "name": "server",
         "image": image,
         "command": command,
@@ -157,6 +157,13 @@ def container(spec: ModelSpec, sim_image: str) -> dict[str, Any]:
         "readinessProbe": {**probe, "failureThreshold": 2},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
     }
+    if spec.enable_sleep_mode and spec.simulator is None:
+        # vLLM serves /sleep, /wake_up and /is_sleeping (and /collective_rpc, which the wake
+        # from level 2 needs) only in dev mode. The pod's port is reachable in the cluster
+        # only: Envoy never routes those paths, and the NetworkPolicy admits only Envoy, the
+        # controller and scrapers (docs/security.md).
+        serving["env"] = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
+    return serving
 
 
 def _quantities(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
