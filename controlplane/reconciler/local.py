@@ -26,15 +26,17 @@ import aiohttp
 from controlplane import logs, metrics, processes
 from controlplane.config import Backend
 from controlplane.controller import Controller
-from controlplane.errors import Conflict, Unavailable
+from controlplane.errors import Conflict, SwitchyardError, Unavailable
 from controlplane.state import Endpoint
 
 log = logs.get("local")
 STARTUP_TIMEOUT_S = {"sim": 30.0, "vllm": 900.0}  # vLLM loads weights for minutes
 MAX_BACKOFF_S = 30.0
 ERROR_AFTER_FAILURES = 3  # consecutive failed starts before the version is `error`
-PROBE_INTERVAL_S = 1.0  # url backends
+PROBE_INTERVAL_S = 1.0  # url backends; and how often an active engine is checked awake
 POLL_S = 0.05
+# /sleep lets the requests already inside the engine finish (vLLM's default aborts them).
+SLEEP_MODE = "wait"
 
 
 @dataclass
@@ -113,14 +115,17 @@ class LocalRuntime:
         if record.desired == "sleeping" or record.url is None or record.backend.url is not None:
             return  # asleep already, no process, or a url backend: not ours to put to sleep
         started = time.perf_counter()
-        # Out of EDS first: no request may reach an engine that is going to sleep.
+        timeout = self.controller.state.model(model).wake_timeout_s
+        # Out of EDS first, as every Envoy confirms: a request that reached an engine going to
+        # sleep would wait there until it wakes.
         self.controller.set_endpoints(model, version, [], "sleeping")
         record.desired, record.sleep_level = "sleeping", level
         try:
-            await self._post(record.url, f"/sleep?level={level}")
-        except Unavailable:
+            await self.controller.endpoints_applied(timeout)
+            await self._post(record.url, f"/sleep?level={level}&mode={SLEEP_MODE}", timeout)
+        except SwitchyardError:
             record.desired = "active"  # cannot sleep: keep serving rather than lose it
-            self.controller.set_endpoints(model, version, [Endpoint(record.url)], "active")
+            await self._back_in_service(record)
             raise
         metrics.backend_sleeps.labels(model, version).inc()
         metrics.backend_sleep_seconds.labels(model).observe(time.perf_counter() - started)
@@ -141,9 +146,11 @@ class LocalRuntime:
         record.desired = "active"
         if was == "sleeping" and record.url is not None:
             self.controller.set_endpoints(model, version, [], "waking")
-            await self._post(record.url, "/wake_up")
-            if await self._wait_awake(record, self.controller.state.model(model).wake_timeout_s):
-                self.controller.set_endpoints(model, version, [Endpoint(record.url)], "active")
+            timeout = self.controller.state.model(model).wake_timeout_s
+            await self._wake_engine(record.url, record.sleep_level, timeout)
+            if not await self._wait_awake(record, timeout):
+                raise Unavailable(f"{model}@{version} did not say it is awake in {timeout:g}s")
+            self.controller.set_endpoints(model, version, [Endpoint(record.url)], "active")
         else:
             record.changed.set()  # stopped: the supervisor starts a process
         await self._wait_ready(model, version)
@@ -217,7 +224,7 @@ class LocalRuntime:
                 if await self._wait_healthy(url, record.process, STARTUP_TIMEOUT_S[kind]):
                     record.failures, backoff = 0, 0.5
                     await self._settle(record)
-                code = await record.process.wait()
+                code = await self._run(record, record.process)
                 record.process, record.url = None, None
                 if record.desired == "stopped":
                     continue  # stopped on purpose
@@ -235,12 +242,77 @@ class LocalRuntime:
         """A healthy process: serve, or go back to sleep if it was parked when it died."""
         assert record.url is not None
         if record.desired == "sleeping":
+            timeout = self.controller.state.model(record.model).wake_timeout_s
             with contextlib.suppress(Unavailable):
-                await self._post(record.url, f"/sleep?level={record.sleep_level}")
+                await self._post(record.url, f"/sleep?level={record.sleep_level}", timeout)
                 self.controller.set_endpoints(record.model, record.version, [], "sleeping")
                 return
         self.controller.set_endpoints(record.model, record.version, [Endpoint(record.url)],
                                       "active")  # fmt: skip
+
+    async def _run(self, record: LocalBackend, process) -> int:
+        """Until the process exits (its code); meanwhile an engine that can sleep is checked
+        awake every second while we route to it."""
+        if not self._sleeps(record):
+            return await process.wait()
+        watch = asyncio.create_task(self._keep_awake(record), name=f"awake-{record.name}")
+        try:
+            return await process.wait()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _keep_awake(self, record: LocalBackend) -> None:
+        """An engine found asleep while it should serve (a /sleep that completed after we gave
+        up on it, an operator's call) holds every request it gets until it wakes: take it out
+        of EDS, wake it, and route to it again once it says it is awake."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            url = record.url
+            if record.desired != "active" or url is None or record.transition.locked():
+                continue
+            if await self._is_sleeping(url) is not True:
+                continue
+            async with record.transition:
+                if record.desired == "active" and record.url == url:
+                    logs.event(log, "backend.found_asleep", logging.WARNING, model=record.model,
+                               version=record.version)  # fmt: skip
+                    await self._back_in_service(record)
+
+    async def _back_in_service(self, record: LocalBackend) -> None:
+        """Route to the engine again, but only once it says it is awake: wake it first when it
+        sleeps (a /sleep we gave up on may have gone through after all). Never raises."""
+        model, version, url = record.model, record.version, record.url
+        if url is None:
+            return
+        timeout = self.controller.state.model(model).wake_timeout_s
+        sleeping = await self._is_sleeping(url)
+        if sleeping is None and await self._healthy(url):  # no sleep endpoints: never sleeps
+            self.controller.set_endpoints(model, version, [Endpoint(url)], "active")
+            return
+        if sleeping is not False:
+            self.controller.set_endpoints(model, version, [], "waking")
+            try:
+                await self._wake_engine(url, record.sleep_level or 2, timeout)
+            except Unavailable as exc:
+                logs.event(log, "backend.wake_failed", logging.WARNING, model=model,
+                           version=version, error=exc.message)  # fmt: skip
+        if await self._wait_awake(record, timeout):
+            self.controller.set_endpoints(model, version, [Endpoint(url)], "active")
+            logs.event(log, "backend.back_in_service", model=model, version=version)
+        else:
+            self.controller.set_endpoints(model, version, [], "error")
+            logs.event(log, "backend.not_awake", logging.ERROR, model=model, version=version)
+
+    async def _wake_engine(self, url: str, level: int, timeout: float) -> None:
+        """vLLM's wake-up. After level 2 the weights were discarded: a plain /wake_up would
+        serve garbage, so wake the weights, reload them from disk, then the KV cache."""
+        if level >= 2:
+            await self._post(url, "/wake_up?tags=weights", timeout)
+            await self._post(url, "/collective_rpc", timeout, {"method": "reload_weights"})
+            await self._post(url, "/wake_up?tags=kv_cache", timeout)
+        else:
+            await self._post(url, "/wake_up", timeout)
 
     async def _probe(self, record: LocalBackend) -> None:
         """A `url` backend is not ours: watch its /health and route to it only while it is
@@ -249,7 +321,8 @@ class LocalRuntime:
         assert url is not None
         record.url = url
         while True:
-            healthy = await self._healthy(url) and not await self._is_sleeping(url)
+            healthy = await self._healthy(url) and not await self._is_sleeping(url)  # None: no
+            # sleep endpoints, so awake
             version = self.controller.state.model(record.model).versions.get(record.version)
             if version is None:
                 return
@@ -275,16 +348,22 @@ class LocalRuntime:
             raise Unavailable(f"{model}@{version} did not become ready in {timeout:g}s")
 
     async def _wait_awake(self, record: LocalBackend, timeout: float) -> bool:
+        """Until the engine itself says it is not sleeping (and /health is 200)."""
+
         async def awake() -> bool:
             url = record.url
-            return url is not None and not await self._is_sleeping(url) and await self._healthy(url)
+            return (url is not None and await self._is_sleeping(url) is False
+                    and await self._healthy(url))  # fmt: skip
 
         return await poll_until(awake, timeout, give_up=lambda: record.url is None)
 
-    async def _post(self, url: str, path: str) -> None:
+    async def _post(self, url: str, path: str, timeout: float, json: dict | None = None) -> None:
+        """POST to a backend's sleep-mode endpoints; they answer when done (seconds to
+        minutes for a large model: `timeout` is the model's wake_timeout_seconds)."""
         assert self._session is not None
         try:
-            async with self._session.post(f"{url}{path}") as response:
+            async with self._session.post(f"{url}{path}", json=json,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 if response.status >= 300:
                     text = (await response.text())[:200]
                     raise Unavailable(f"{url}{path} answered {response.status}: {text}")
@@ -298,14 +377,16 @@ class LocalRuntime:
                 return response.status == 200
         return False
 
-    async def _is_sleeping(self, url: str) -> bool:
-        """vLLM's /is_sleeping (dev mode only); a server without it never sleeps."""
+    async def _is_sleeping(self, url: str) -> bool | None:
+        """vLLM's /is_sleeping (dev mode only): None when it does not say (no such endpoint,
+        no answer), which only a server that cannot sleep may be taken to mean awake."""
         assert self._session is not None
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError,
+                                 TypeError):  # fmt: skip
             async with self._session.get(f"{url}/is_sleeping") as response:
                 if response.status == 200:
                     return bool((await response.json())["is_sleeping"])
-        return False
+        return None
 
     async def _wait_healthy(self, url: str, process, timeout: float) -> bool:
         return await poll_until(
