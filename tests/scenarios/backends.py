@@ -97,3 +97,14 @@ def log_of(state_dir: Path, model: str, version: str) -> str:
     """What a version's backend process wrote (vLLM logs every sleep and wake call)."""
     path = state_dir / "logs" / f"{KIND}-{model}@{version}.log"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def woke_with_reload(log: str) -> bool:
+    """Did the backend's last wake-up reload the weights (vLLM's sequence after level 2)?"""
+    if not REAL:
+        return "sim weights reloaded" in log.rsplit("sim sleeping", 1)[-1]
+    last = log.rsplit("POST /sleep", 1)[-1]  # vLLM's access log: after the last sleep
+    steps = ["wake up the engine with tags: ['weights']", '"POST /collective_rpc HTTP/1.1" 200',
+             "wake up the engine with tags: ['kv_cache']"]  # fmt: skip
+    positions = [last.find(step) for step in steps]
+    return -1 not in positions and positions == sorted(positions)

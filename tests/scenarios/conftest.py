@@ -10,13 +10,25 @@ share one start-up: real vLLM servers take tens of seconds each to start on two 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
-from tests.conftest import RUNNING, Running, start_switchyard, wait_until, write_config
+from tests.conftest import (
+    RUNNING,
+    InBackground,
+    Running,
+    start_switchyard,
+    wait_until,
+    write_config,
+)
 from tests.scenarios import backends
 
 MODEL, IDLE_MODEL = "tiny", "tiny-idle"
@@ -92,3 +104,66 @@ def version_of(stack: Running, name: str, model: str = MODEL) -> dict:
     status, body = stack.api("GET", f"/v1/models/{model}")
     assert status == 200, body
     return next(v for v in body["versions"] if v["name"] == name)
+
+
+class Load(InBackground):
+    """Steady completions through Envoy from a background thread: (time sent, version,
+    status) of each, status 0 for a request that failed or took longer than `timeout` s."""
+
+    def __init__(self, proxy: str, model: str = MODEL, concurrency: int = 4,
+                 pause: float = 0.05, timeout: float = 20.0) -> None:  # fmt: skip
+        self.proxy, self.model, self.concurrency = proxy, model, concurrency
+        self.pause, self.timeout = pause, timeout
+        self.results: list[tuple[float, str, int]] = []
+        super().__init__()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
+
+            async def worker() -> None:
+                body = {"model": self.model, "prompt": "x", "max_tokens": 2, "ignore_eos": True}
+                while not self.stopping.is_set():
+                    sent = time.time()
+                    try:
+                        async with s.post(f"{self.proxy}/v1/completions", json=body) as response:
+                            await response.read()
+                            version = response.headers.get("x-switchyard-version", "?")
+                            self.results.append((sent, version, response.status))
+                    except (aiohttp.ClientError, TimeoutError):
+                        self.results.append((sent, "?", 0))
+                    await asyncio.sleep(self.pause)
+
+            await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+
+    def failures(self) -> list[tuple[float, str, int]]:
+        return [result for result in self.results if result[2] != 200]
+
+
+def rollout(stack: Running, spec: dict) -> dict:
+    status, body = stack.api("POST", "/v1/rollouts", {"model": MODEL, "to": "v2", **spec})
+    assert status == 201, body
+    return body
+
+
+def current(stack: Running, rollout: dict) -> dict:
+    return stack.api("GET", f"/v1/rollouts/{rollout['id']}")[1]
+
+
+def until_phase(stack: Running, rollout: dict, phase: str, timeout: float = 30) -> dict:
+    try:
+        return wait_until(lambda: (r := current(stack, rollout))["phase"] == phase and r,
+                          timeout, interval=0.05, message=f"rollout {phase}")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last: {current(stack, rollout)}") from None
+
+
+def is_sleeping(endpoint: str) -> bool:
+    with urllib.request.urlopen(f"{endpoint}/is_sleeping", timeout=10) as response:
+        return json.load(response)["is_sleeping"]
+
+
+def answer(client, model: str = MODEL, **options) -> str:
+    """A deterministic answer (temperature 0): the same weights give the same text."""
+    return client.completions.create(model=model, prompt="the quick brown fox", max_tokens=8,
+                                     temperature=0, extra_body={"ignore_eos": True},
+                                     **options).choices[0].text  # fmt: skip

@@ -70,12 +70,13 @@ def test_models_list_and_unknown_model(client):
 
 
 def test_a_backends_own_errors_pass_through_in_vllms_shape(stack, client):
-    """A request the backend refuses (a prompt beyond the context window) reaches the client
-    as vLLM's 400, through Envoy, from the version that refused it."""
+    """A request the backend refuses (more tokens than its context window) reaches the
+    client as vLLM's 400, through Envoy, from the version that refused it."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="x", max_tokens=100_000)
     error = caught.value.body
-    assert error["code"] == 400 and "maximum context length" in error["message"]
+    assert (error["code"], error["param"], error["type"]) == (400, "max_tokens", "BadRequestError")
+    assert error["message"].startswith("max_tokens=100000 cannot be greater than max_model_len=")
     assert caught.value.response.headers["x-switchyard-version"] == "v1"
 
 
