@@ -110,9 +110,10 @@ async def test_every_rollout_is_listed_page_by_page_and_found_by_id_however_old(
 
     embed = [rollout_id for model, rollout_id in reversed(ran) if model == "embed"]
     status, page = await admin.get("/v1/rollouts?model=embed&limit=50")
-    assert [r["id"] for r in page["rollouts"]] == embed[:50]
+    assert status == 200 and [r["id"] for r in page["rollouts"]] == embed[:50]
     status, rest = await admin.get(f"/v1/rollouts?model=embed&limit=50&before={page['next']}")
-    assert [r["id"] for r in rest["rollouts"]] == embed[50:] and rest["next"] is None
+    assert status == 200 and [r["id"] for r in rest["rollouts"]] == embed[50:]
+    assert rest["next"] is None
 
     oldest = ran[0][1]
     status, doc = await admin.get(f"/v1/rollouts/{oldest}")
@@ -132,9 +133,10 @@ async def test_active_rollouts_are_listed_and_the_cli_shows_them(admin):
     async with admin.session.post(f"{admin.url}/v1/rollouts", json=gate) as response:
         active = await response.json()
     status, page = await admin.get("/v1/rollouts?active=true")
+    assert status == 200, page
     assert [r["id"] for r in page["rollouts"]] == [active["id"]] and page["next"] is None
     status, page = await admin.get("/v1/rollouts?active=false&model=embed")
-    assert page == {"rollouts": [], "next": None}
+    assert (status, page) == (200, {"rollouts": [], "next": None})
     shown = await asyncio.to_thread(cli, admin, "rollout", "status")
     assert shown.returncode == 0, shown.stderr
     assert active["id"] in shown.stdout and "embed v1->v2" in shown.stdout
