@@ -18,6 +18,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from controlplane.config import parse_config
+from controlplane.health import vllm_metrics
 from controlplane.health.signals import Delta, HealthSignals
 from controlplane.health.vllm_metrics import VllmScraper, histogram_delta, parse
 from controlplane.sim import SimConfig, make_app
@@ -279,7 +280,8 @@ async def test_backend_restart_never_gives_negative_counts(sims: Sims) -> None:
         await scraper.stop()
 
 
-async def test_only_ready_endpoints_of_active_versions_are_scraped(sims: Sims) -> None:
+async def test_only_ready_endpoints_of_active_versions_are_scraped(sims: Sims, monkeypatch) -> None:
+    monkeypatch.setattr(vllm_metrics, "QUIET_PUSH_S", 0.0)  # every scrape pushes
     one, two, three = [await sims.start() for _ in range(3)]
     signals = Recording()
     state = make_state({"v1": one.url, "v2": two.url, "v3": three.url})
@@ -321,10 +323,13 @@ async def test_a_hung_endpoint_times_out_without_holding_up_the_others(sims: Sim
         await runner.cleanup()
 
 
-async def test_the_loop_scrapes_every_interval_until_stopped(sims: Sims) -> None:
+async def test_the_loop_scrapes_every_interval_until_stopped(sims: Sims, monkeypatch) -> None:
+    monkeypatch.setattr(vllm_metrics, "QUIET_PUSH_S", 0.0)  # every scrape pushes
     sim = await sims.start()
     signals = Recording()
-    scraper = VllmScraper(make_state({"v1": sim.url}), signals, interval=0.1)
+    state = make_state({"v1": sim.url})
+    state.models[MODEL].active_rollout = "r1"  # judged: scraped every round
+    scraper = VllmScraper(state, signals, interval=0.1)
     await scraper.start()
     await asyncio.sleep(0.45)
     await scraper.stop()
@@ -333,3 +338,121 @@ async def test_the_loop_scrapes_every_interval_until_stopped(sims: Sims) -> None
     await asyncio.sleep(0.2)
     assert len(signals.log) == rounds  # stopped means stopped
     assert scraper._task is None
+
+
+# -- at fleet size: one GET per address, idle versions quiet, cold ones scraped in turn ----------
+
+
+class Exposition:
+    """A /metrics endpoint serving a fixed vLLM text, counting its GETs."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.gets = text, 0
+
+    async def start(self) -> str:
+        async def metrics(request: web.Request) -> web.Response:
+            self.gets += 1
+            return web.Response(text=self.text)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+
+def fleet_state(urls: list[str], models: int) -> State:
+    """`models` models, each with v1 on urls[0] and v2 on urls[-1], all active and ready."""
+    config = parse_config({"models": [
+        {"name": f"m{i}", "versions": [
+            {"name": "v1", "weight": 100, "backend": {"url": urls[0]}},
+            {"name": "v2", "weight": 0, "backend": {"url": urls[-1]}}]}
+        for i in range(models)]})  # fmt: skip
+    state = State.from_config(config)
+    for model in state.models.values():
+        for version in model.versions.values():
+            version.state, version.endpoints = "active", [Endpoint(version.backend.url)]
+    return state
+
+
+def exposition(running: float = 0.0, ttft_count: int = 0, model: str = "base") -> str:
+    return (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0",model_name="{model}"}} {running}\n'
+        "# TYPE vllm:time_to_first_token_seconds histogram\n"
+        f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="0.1",model_name="{model}"}} '
+        f"{ttft_count}\n"
+        f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="+Inf",model_name="{model}"}} '
+        f"{ttft_count}\n"
+    )
+
+
+async def test_versions_on_one_address_share_one_scrape_and_one_delta() -> None:
+    server = Exposition(exposition(ttft_count=1))
+    url = await server.start()
+    signals = Recording()
+    scraper = VllmScraper(fleet_state([url], 50), signals)
+    try:
+        await scraper.scrape_once()
+        assert server.gets == 1 and len(signals.log) == 100  # 50 models x 2 versions
+        server.text = exposition(running=2.0, ttft_count=4)
+        await scraper.scrape_once()
+        assert server.gets == 2 and len(signals.log) == 200
+        deltas = [delta for _, _, delta in signals.log[100:]]
+        assert {(d.running, d.ttft_s.total, d.source) for d in deltas} == {(2.0, 3.0, url)}
+        assert len({id(d.ttft_s) for d in deltas}) == 1  # computed once for all of them
+    finally:
+        await scraper.stop()
+        await server.runner.cleanup()
+
+
+async def test_a_quiet_version_pushes_every_few_seconds_a_busy_one_every_round(
+    monkeypatch,
+) -> None:
+    server = Exposition(exposition())
+    url = await server.start()
+    signals = Recording()
+    scraper = VllmScraper(fleet_state([url], 1), signals)
+    try:
+        await scraper.scrape_once()
+        await scraper.scrape_once()
+        assert server.gets == 2 and len(signals.of("v1")) == 1  # nothing new: not pushed
+        server.text = exposition(running=1.0)
+        await scraper.scrape_once()
+        await scraper.scrape_once()
+        assert [d.running for d in signals.of("v1")] == [0.0, 1.0, 1.0]  # busy: every round
+        server.text = exposition()
+        await scraper.scrape_once()
+        await scraper.scrape_once()
+        assert [d.running for d in signals.of("v1")] == [0.0, 1.0, 1.0, 0.0]  # back to 0 once
+        monkeypatch.setattr(vllm_metrics, "QUIET_PUSH_S", 0.0)
+        await scraper.scrape_once()
+        assert len(signals.of("v1")) == 5  # and again after QUIET_PUSH_S
+    finally:
+        await scraper.stop()
+        await server.runner.cleanup()
+
+
+async def test_cold_addresses_are_scraped_in_turn_hot_ones_every_round() -> None:
+    servers = [Exposition(exposition()) for _ in range(2)]
+    urls = [await server.start() for server in servers]
+    state = fleet_state(urls, 3)  # v1 of every model on urls[0], v2 on urls[1]
+    scraper = VllmScraper(state, Recording())
+    try:
+        for _ in range(2 * vllm_metrics.COLD_EVERY):
+            await scraper.scrape_round()
+        assert [server.gets for server in servers] == [2, 2]  # nobody judges them
+        state.models["m1"].active_rollout = "r1"  # m1's analysis needs both its versions
+        for _ in range(vllm_metrics.COLD_EVERY):
+            await scraper.scrape_round()
+        assert [server.gets for server in servers] == [12, 12]
+        state.models["m1"].active_rollout = None
+        state.models["m2"].traffic_generation += 1  # a weight change: hot for a while
+        for _ in range(vllm_metrics.COLD_EVERY):
+            await scraper.scrape_round()
+        assert [server.gets for server in servers] == [22, 22]
+    finally:
+        await scraper.stop()
+        for server in servers:
+            await server.runner.cleanup()

@@ -10,10 +10,18 @@ What does not: `requests` and `errors` stay 0 in these deltas on purpose. Envoy'
 the one source of traffic counts (they see every request, including the ones a backend never
 answered); taking vLLM's `request_success_total` as well would count each request twice.
 
-Cost: one GET per ready endpoint per interval, all concurrent on one shared session with a
-short timeout, so one slow backend never delays the others or the next round. Before parsing,
-a regex keeps only the lines of the five series we use (a real vLLM exposes hundreds of lines
-of other histograms), so `text_string_to_metric_families` sees a few dozen lines.
+Cost: one GET per distinct address per round, all concurrent on one shared session with a
+short timeout, so one slow backend never delays the others or the next round; the text is
+parsed once for every version served there (many LoRA models on one server), and versions
+without series of their own share one delta computation. Before parsing, a regex keeps only
+the lines of the series we use (a real vLLM exposes hundreds of lines of other histograms),
+so `text_string_to_metric_families` sees a few dozen lines. Only *hot* versions are scraped
+every second: those of a model with an active rollout (its analysis), with `alerts`, or
+whose traffic changed in the last two minutes (a version drained before it is parked); the
+others every COLD_EVERY seconds, spread over the rounds by address. Their histogram deltas
+then span several seconds: no observation is lost, only time resolution. A version with
+nothing to report (no new observation, nothing running or waiting) pushes a delta every
+QUIET_PUSH_S instead of every round, so a thousand idle versions keep almost no history.
 
 Counters are cumulative in vLLM; a value lower than at the previous scrape means the backend
 restarted, and then the current value is the delta. The first scrape of an endpoint (or the
@@ -28,6 +36,8 @@ import logging
 import math
 import re
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -58,6 +68,11 @@ _FAMILIES = "|".join(re.escape(name) for name in (*GAUGES, *HISTOGRAMS))
 _WANTED = re.compile(rf"^(?:(?:{_NAMES})[{{ ].*|# TYPE (?:{_FAMILIES}) .*)$", re.MULTILINE)
 
 Key = tuple[str, str, str]  # model, version, endpoint url
+Due = Callable[[str, list[tuple[str, str]]], bool]  # (url, its (model, version)s) -> scrape?
+COLD_EVERY = 10  # rounds between two scrapes of an address whose versions nobody judges
+HOT_AFTER_CHANGE_S = 120.0  # a model stays hot this long after its traffic changed
+QUIET_PUSH_S = 5.0  # a version with nothing to report (no observation, nothing in flight)
+# pushes a delta this often, not every round: a thousand idle versions keep no history
 
 
 @dataclass
@@ -72,42 +87,70 @@ class Scrape:
 def parse(text: str, served_model: str) -> Scrape:
     """The series of `served_model` (or, if no series names it, all of them: one vLLM process
     serves one model), summed over every other label (vLLM may add `engine="0"`, ...)."""
-    wanted = "\n".join(_WANTED.findall(text))
-    # field -> {series names the model?: {le: cumulative count}}
-    buckets: dict[str, dict[bool, dict[float, float]]] = {f: {} for f in HISTOGRAMS.values()}
-    gauges: dict[str, dict[bool, float]] = {field: {} for field in GAUGES.values()}
-    for family in text_string_to_metric_families(wanted):
-        for sample in family.samples:
-            name = sample.name
-            mine = sample.labels.get(MODEL_LABEL) == served_model
-            if name == SLEEP_STATE and sample.labels.get("sleep_state") != "awake":
-                continue  # only the `awake` series: 1 awake, 0 asleep
-            if name in GAUGES:
-                per = gauges[GAUGES[name]]
-                per[mine] = per.get(mine, 0.0) + sample.value
+    return Parsed(text).scrape_for(served_model)
+
+
+class Parsed:
+    """One `/metrics` text, parsed once for every model served there (a thousand LoRA models
+    on one server are one GET and one parse): sums per `model_name` and over all series."""
+
+    def __init__(self, text: str) -> None:
+        wanted = "\n".join(_WANTED.findall(text))
+        # field -> model_name (None: every series) -> {le: cumulative count} / value
+        self.buckets: dict[str, dict[str | None, dict[float, float]]] = {
+            field: {} for field in HISTOGRAMS.values()
+        }
+        self.gauges: dict[str, dict[str | None, float]] = {field: {} for field in GAUGES.values()}
+        self._scrapes: dict[str | None, Scrape] = {}
+        for family in text_string_to_metric_families(wanted):
+            for sample in family.samples:
+                name = sample.name
+                label = sample.labels.get(MODEL_LABEL)
+                if name == SLEEP_STATE and sample.labels.get("sleep_state") != "awake":
+                    continue  # only the `awake` series: 1 awake, 0 asleep
+                if name in GAUGES:
+                    per = self.gauges[GAUGES[name]]
+                    for key in {label, None}:
+                        per[key] = per.get(key, 0.0) + sample.value
+                    continue
+                field = HISTOGRAMS.get(name.removesuffix("_bucket"))
+                le = sample.labels.get("le")
+                if field is None or le is None:
+                    continue
+                bound = float(le)
+                for key in {label, None}:
+                    per_le = self.buckets[field].setdefault(key, {})
+                    per_le[bound] = per_le.get(bound, 0.0) + sample.value
+        self.models = {key for per in (*self.buckets.values(), *self.gauges.values())
+                       for key in per if key is not None}  # fmt: skip
+
+    def scrape_for(self, served_model: str) -> Scrape:
+        """Per field, the series that name `served_model`, else all of them. Models without
+        series of their own share one Scrape object (so their deltas are computed once)."""
+        key = served_model if served_model in self.models else None
+        scrape = self._scrapes.get(key)
+        if scrape is None:
+            scrape = self._scrapes[key] = self._scrape(key)
+        return scrape
+
+    def _scrape(self, model: str | None) -> Scrape:
+        histograms = {}
+        for field, by_model in self.buckets.items():
+            per_le = by_model.get(model, by_model.get(None))
+            if not per_le or math.inf not in per_le:
                 continue
-            field = HISTOGRAMS.get(name.removesuffix("_bucket"))
-            le = sample.labels.get("le")
-            if field is None or le is None:
-                continue
-            per_le = buckets[field].setdefault(mine, {})
-            bound = float(le)
-            per_le[bound] = per_le.get(bound, 0.0) + sample.value
-    histograms = {}
-    for field, by_mine in buckets.items():
-        per_le = by_mine.get(True, by_mine.get(False))
-        if not per_le or math.inf not in per_le:
-            continue
-        bounds = sorted(per_le)
-        histograms[field] = (tuple(bounds[:-1]), [per_le[bound] for bound in bounds])
-    tpot = histograms.pop("tpot_s", None)
-    if "itl_s" not in histograms and tpot is not None:
-        histograms["itl_s"] = tpot  # an older vLLM
-    values = {
-        field: by_mine.get(True, by_mine.get(False)) for field, by_mine in gauges.items() if by_mine
-    }
-    awake = values.pop("awake", None)
-    return Scrape(histograms, values, None if awake is None else awake < 1)
+            bounds = sorted(per_le)
+            histograms[field] = (tuple(bounds[:-1]), [per_le[bound] for bound in bounds])
+        tpot = histograms.pop("tpot_s", None)
+        if "itl_s" not in histograms and tpot is not None:
+            histograms["itl_s"] = tpot  # an older vLLM
+        values = {
+            field: by_model.get(model, by_model.get(None))
+            for field, by_model in self.gauges.items()
+            if by_model
+        }
+        awake = values.pop("awake", None)
+        return Scrape(histograms, values, None if awake is None else awake < 1)
 
 
 def histogram_delta(
@@ -129,7 +172,8 @@ def histogram_delta(
 
 
 class VllmScraper:
-    """Every `interval` seconds, scrape every ready endpoint of every active version."""
+    """Every `interval` seconds, scrape the ready endpoints of active versions (hot ones every
+    round, the others every COLD_EVERY rounds), one GET per distinct address."""
 
     def __init__(
         self,
@@ -144,6 +188,9 @@ class VllmScraper:
         # Shorter than the interval, so a hung backend never makes a round late.
         self.timeout = timeout if timeout is not None else min(0.8, 0.8 * interval)
         self._previous: dict[Key, Scrape] = {}
+        self._quiet_pushed: dict[Key, float] = {}  # when a quiet delta was last pushed
+        self._traffic: dict[str, tuple[int, float]] = {}  # model -> (generation, changed at)
+        self._rounds = 0
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
 
@@ -166,7 +213,7 @@ class VllmScraper:
         while True:
             started = loop.time()
             try:
-                await self.scrape_once()
+                await self.scrape_round()
             except Exception:  # a bug here must not end health scraping for good
                 log.exception("vllm.scrape_round_failed", extra={"fields": {}})
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
@@ -182,14 +229,55 @@ class VllmScraper:
             if endpoint.ready
         ]
 
-    async def scrape_once(self) -> None:
-        """One round: all endpoints concurrently; failures are logged at debug and skipped."""
+    async def scrape_round(self) -> None:
+        """What the loop does each interval: every address with a hot version (module doc),
+        and a tenth of the others, each address every COLD_EVERY rounds in turn."""
+        self._rounds += 1
+        hot = self._hot_models()
+        turn = self._rounds % COLD_EVERY
+
+        def due(url: str, members: list[tuple[str, str]]) -> bool:
+            if zlib.crc32(url.encode()) % COLD_EVERY == turn:
+                return True
+            return any(model in hot for model, _ in members)
+
+        await self.scrape_once(due)
+
+    def _hot_models(self) -> set[str]:
+        """Models someone judges now: an active rollout, alerts, or traffic changed in the
+        last HOT_AFTER_CHANGE_S (a version being drained before it is parked)."""
+        now = time.monotonic()
+        hot = set()
+        models = self.state.models
+        for name in [name for name in self._traffic if name not in models]:
+            del self._traffic[name]
+        for model in list(models.values()):
+            seen = self._traffic.get(model.name)
+            if seen is None:  # first sight (start-up): not a change
+                seen = self._traffic[model.name] = (model.traffic_generation, -math.inf)
+            elif seen[0] != model.traffic_generation:
+                seen = self._traffic[model.name] = (model.traffic_generation, now)
+            recent = now - seen[1] < HOT_AFTER_CHANGE_S
+            if model.active_rollout or model.alerts is not None or recent:
+                hot.add(model.name)
+        return hot
+
+    async def scrape_once(self, due: Due | None = None) -> None:
+        """One round over every endpoint (with `due`, the addresses it accepts): each distinct
+        address fetched once, concurrently, and parsed once for every version on it; failures
+        are logged at debug and skipped."""
         targets = self.targets()
         wanted = set(targets)
         # An endpoint that left (unready, version parked, removed) starts over when it returns.
         for key in [key for key in self._previous if key not in wanted]:
             del self._previous[key]
-        if not targets:
+            self._quiet_pushed.pop(key, None)
+        by_url: dict[str, list[tuple[str, str]]] = {}
+        for model, version, url in targets:
+            by_url.setdefault(url, []).append((model, version))
+        if due is not None:
+            by_url = {url: members for url, members in by_url.items() if due(url, members)}
+        if not by_url:
             return
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -197,33 +285,49 @@ class VllmScraper:
                 connector=aiohttp.TCPConnector(limit=0),  # one connection per endpoint anyway
             )
         results = await asyncio.gather(
-            *(self._scrape(key) for key in targets), return_exceptions=True
+            *(self._scrape(url, members) for url, members in by_url.items()),
+            return_exceptions=True,
         )
-        for (_, _, url), result in zip(targets, results, strict=True):
+        for url, result in zip(by_url, results, strict=True):
             if isinstance(result, Exception):  # a bug, not a backend problem: say so louder
                 logs.event(log, "vllm.scrape_error", logging.WARNING, url=url, error=repr(result))
 
-    async def _scrape(self, key: Key) -> None:
-        model, version, url = key
+    async def _scrape(self, url: str, members: list[tuple[str, str]]) -> None:
         assert self._session is not None
         try:
             async with self._session.get(f"{url}/metrics") as response:
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status}")
                 text = await response.text()
-            scrape = parse(text, model)
+            parsed = Parsed(text)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # incl. bad text
             logs.event(log, "vllm.scrape_failed", logging.DEBUG, url=url, error=repr(exc))
             return
-        previous = self._previous.get(key)
-        self._previous[key] = scrape
-        delta = Delta(time=time.time(), source=url)
-        for field in DELTA_GAUGES:
-            setattr(delta, field, scrape.gauges.get(field))
-        if previous is not None:
-            for field, current in scrape.histograms.items():
-                setattr(delta, field, histogram_delta(current, previous.histograms.get(field)))
-        self.signals.add(model, version, delta)
+        now = time.time()
+        # Versions without series of their own share one Scrape, and so one delta.
+        computed: dict[tuple[int, int], dict[str, Histogram | None]] = {}
+        for model, version in members:
+            key = (model, version, url)
+            scrape = parsed.scrape_for(model)
+            previous = self._previous.get(key)
+            self._previous[key] = scrape
+            pair = (id(previous), id(scrape))
+            histograms = computed.get(pair)
+            if histograms is None:
+                histograms = computed[pair] = {} if previous is None else {
+                    field: histogram_delta(current, previous.histograms.get(field))
+                    for field, current in scrape.histograms.items()
+                }  # fmt: skip
+            gauges = {field: scrape.gauges.get(field) for field in DELTA_GAUGES}
+            quiet = not any(histograms.values()) and not any(gauges.values())
+            if quiet:
+                last = self._quiet_pushed.get(key)
+                if last is not None and now - last < QUIET_PUSH_S:
+                    continue  # nothing new since the last (quiet) delta
+                self._quiet_pushed[key] = now
+            else:
+                self._quiet_pushed.pop(key, None)
+            self.signals.add(model, version, Delta(time=now, source=url, **gauges, **histograms))
 
 
 def _log_crash(task: asyncio.Task) -> None:

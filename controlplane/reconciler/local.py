@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,9 @@ class LocalRuntime:
         self.host = host
         self.backends: dict[tuple[str, str], LocalBackend] = {}
         self._session: aiohttp.ClientSession | None = None
+        # `url` backends by address, and the one probe task of each address
+        self._url_members: dict[str, dict[tuple[str, str], LocalBackend]] = {}
+        self._url_probes: dict[str, asyncio.Task] = {}
 
     def adopt_url_backends(self) -> None:
         """`url` backends are used as given: in the very first snapshot, so an Envoy that
@@ -316,21 +320,48 @@ class LocalRuntime:
 
     async def _probe(self, record: LocalBackend) -> None:
         """A `url` backend is not ours: watch its /health and route to it only while it is
-        healthy and awake."""
+        healthy and awake. The versions on one address share one probe (`_probe_address`):
+        a thousand LoRA models on one server cost two GETs a second, not two thousand."""
         url = record.backend.url
         assert url is not None
         record.url = url
+        key = (record.model, record.version)
+        members = self._url_members.setdefault(url, {})
+        members[key] = record
+        if url not in self._url_probes:
+            self._url_probes[url] = asyncio.create_task(
+                self._probe_address(url), name=f"probe-{url}"
+            )
+        try:
+            await asyncio.Event().wait()  # until the version is removed (cancelled)
+        finally:
+            if members.get(key) is record:
+                del members[key]
+            if not members and self._url_members.get(url) is members:
+                del self._url_members[url]
+                probe = self._url_probes.pop(url)
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+
+    async def _probe_address(self, url: str) -> None:
+        """Probe one address every PROBE_INTERVAL_S (+-10 %, so that addresses do not all
+        probe at the same moment) and apply the answer to every version on it."""
         while True:
             healthy = await self._healthy(url) and not await self._is_sleeping(url)  # None: no
             # sleep endpoints, so awake
-            version = self.controller.state.model(record.model).versions.get(record.version)
-            if version is None:
-                return
-            if record.desired == "active" and healthy != version.ready:
-                endpoints = [Endpoint(url)] if healthy else []
-                self.controller.set_endpoints(record.model, record.version, endpoints,
-                                              "active" if healthy else "error")  # fmt: skip
-            await asyncio.sleep(PROBE_INTERVAL_S)
+            for record in list(self._url_members.get(url, {}).values()):
+                self._apply_probe(record, url, healthy)
+            await asyncio.sleep(PROBE_INTERVAL_S * random.uniform(0.9, 1.1))
+
+    def _apply_probe(self, record: LocalBackend, url: str, healthy: bool) -> None:
+        model = self.controller.state.models.get(record.model)
+        version = model.versions.get(record.version) if model else None
+        if version is None:
+            return  # removed: its task is being cancelled
+        if record.desired == "active" and healthy != version.ready:
+            endpoints = [Endpoint(url)] if healthy else []
+            self.controller.set_endpoints(record.model, record.version, endpoints,
+                                          "active" if healthy else "error")  # fmt: skip
 
     # -- helpers ----------------------------------------------------------------------------
 
