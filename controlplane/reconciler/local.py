@@ -268,8 +268,9 @@ class LocalRuntime:
 
     async def _keep_awake(self, record: LocalBackend) -> None:
         """An engine found asleep while it should serve (a /sleep that completed after we gave
-        up on it, an operator's call) holds every request it gets until it wakes: take it out
-        of EDS, wake it, and route to it again once it says it is awake."""
+        up on it, an operator's call) holds every request it gets until it wakes: wake it.
+        It stays in EDS meanwhile: its requests are held and answered once it is awake, where
+        taking it out would fail them (it may be the model's only version)."""
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
             url = record.url
@@ -281,11 +282,12 @@ class LocalRuntime:
                 if record.desired == "active" and record.url == url:
                     logs.event(log, "backend.found_asleep", logging.WARNING, model=record.model,
                                version=record.version)  # fmt: skip
-                    await self._back_in_service(record)
+                    await self._back_in_service(record, routed=True)
 
-    async def _back_in_service(self, record: LocalBackend) -> None:
+    async def _back_in_service(self, record: LocalBackend, routed: bool = False) -> None:
         """Route to the engine again, but only once it says it is awake: wake it first when it
-        sleeps (a /sleep we gave up on may have gone through after all). Never raises."""
+        sleeps (a /sleep we gave up on may have gone through after all). `routed`: it is in
+        EDS now, and stays there while it wakes. Never raises."""
         model, version, url = record.model, record.version, record.url
         if url is None:
             return
@@ -295,7 +297,8 @@ class LocalRuntime:
             self.controller.set_endpoints(model, version, [Endpoint(url)], "active")
             return
         if sleeping is not False:
-            self.controller.set_endpoints(model, version, [], "waking")
+            if not routed:
+                self.controller.set_endpoints(model, version, [], "waking")
             try:
                 await self._wake_engine(url, record.sleep_level or 2, timeout)
             except Unavailable as exc:
