@@ -87,7 +87,8 @@ async def test_canary_walks_its_steps_and_makes_the_candidate_stable(engine):
     doc = await eng.create(
         canary({"set_weight": 20}, {"pause": {"seconds": 0.05}}, {"set_weight": 60})
     )
-    await _until(lambda: doc["phase"] == "succeeded")
+    # The phase reads `succeeded` from the push on; the rollout ends once Envoy ACKed it.
+    await _until(lambda: doc["phase"] == "succeeded" and doc["id"] not in eng.rollouts)
     model = eng.controller.state.models["chat"]
     assert model.weights == {"v1": 0, "v2": 100, "v3": 0}
     assert (model.stable, model.last_good, model.active_rollout) == ("v2", "v1", None)
