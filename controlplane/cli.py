@@ -233,6 +233,11 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seg(name: str) -> str:
+    """A model or version name as one URL path segment (model names may hold '/')."""
+    return urllib.parse.quote(name, safe="")
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from controlplane.tls import make_certs
 
@@ -328,7 +333,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
 def cmd_models_add_version(args: argparse.Namespace) -> int:
     name, backend = parse_version(args.version)
-    version = api(args, "POST", f"/v1/models/{args.model}/versions",
+    version = api(args, "POST", f"/v1/models/{_seg(args.model)}/versions",
                   {"name": name, "backend": backend})  # fmt: skip
     if args.json and args.no_wait:
         _print_json(version)
@@ -338,7 +343,7 @@ def cmd_models_add_version(args: argparse.Namespace) -> int:
 
 
 def cmd_models_remove_version(args: argparse.Namespace) -> int:
-    api(args, "DELETE", f"/v1/models/{args.model}/versions/{args.version}")
+    api(args, "DELETE", f"/v1/models/{_seg(args.model)}/versions/{_seg(args.version)}")
     print(f"removed {args.model}@{args.version}")
     return 0
 
@@ -369,7 +374,7 @@ def wait_ready(args: argparse.Namespace, model: str, version: str, timeout: floa
 
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        found = api(args, "GET", f"/v1/models/{model}")
+        found = api(args, "GET", f"/v1/models/{_seg(model)}")
         current = next((v for v in found["versions"] if v["name"] == version), None)
         if current is None:
             raise CliError(f"{model}@{version} disappeared")
@@ -384,7 +389,7 @@ def wait_ready(args: argparse.Namespace, model: str, version: str, timeout: floa
 
 
 def print_health(args: argparse.Namespace, data: dict) -> int:
-    reports = [api(args, "GET", f"/v1/models/{m['name']}/health") for m in data["models"]]
+    reports = [api(args, "GET", f"/v1/models/{_seg(m['name'])}/health") for m in data["models"]]
     if args.json:
         _print_json({"health": reports})
         return 0
@@ -430,7 +435,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
         if not sep or not version or not percent.strip().lstrip("-").isdigit():
             raise CliError(f"expected VERSION=PERCENT, got {item!r}", code=2)
         weights[version] = int(percent)
-    model = api(args, "PUT", f"/v1/models/{args.model}/weights", {"weights": weights})
+    model = api(args, "PUT", f"/v1/models/{_seg(args.model)}/weights", {"weights": weights})
     if args.json:
         _print_json(model)
     else:

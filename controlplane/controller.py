@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,32 +90,44 @@ class Controller:
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates
         self.runtime: Runtime | None = None  # set by the Stack; runs the versions' backends
         self._rebuild_pending = False
+        self._dirty_models: set[str] = set()  # whose endpoints changed since the last rebuild
 
-    def rebuild(self) -> Snapshot:
-        """Build the snapshot of the current state and push it to every Envoy."""
+    def rebuild(self, models: Iterable[str] | None = None) -> Snapshot:
+        """Build the snapshot of the current state and push it to every Envoy.
+
+        `models`: only these models changed (their weights, policy, endpoints or readiness;
+        not the set of models or versions), so only their resources are looked at: a weight
+        change costs the same with a thousand models as with one."""
         started = time.perf_counter()
-        snapshot = self._builder.build(self.state)
+        snapshot = self._builder.build(self.state, models)
         metrics.snapshot_build.observe(time.perf_counter() - started)
         self.snapshot = snapshot
         self.xds.publish(snapshot)
-        metrics.observe_models(self.state.models.values())
+        if models is None:
+            metrics.observe_models(self.state.models.values())
+        else:
+            metrics.observe_models(
+                [self.state.models[n] for n in models if n in self.state.models], prune=False
+            )
         return snapshot
 
-    def _rebuild_soon(self) -> None:
+    def _rebuild_soon(self, model_name: str) -> None:
         """One snapshot for all the endpoint changes of one event-loop turn (a start-up with
         100 versions becoming ready at once builds a few snapshots, not 100)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.rebuild()
+            self.rebuild([model_name])
             return
+        self._dirty_models.add(model_name)
         if not self._rebuild_pending:
             self._rebuild_pending = True
             loop.call_soon(self._rebuild_now)
 
     def _rebuild_now(self) -> None:
         self._rebuild_pending = False
-        self.rebuild()
+        models, self._dirty_models = self._dirty_models, set()
+        self.rebuild(models)
 
     async def set_weights(self, model_name: str, weights: object) -> dict:
         """The admin API's weight change: refused while a rollout owns the model."""
@@ -156,7 +168,7 @@ class Controller:
                 model.traffic_generation += 1
             try:
                 self.store.save(models, rollouts or [])
-                snapshot = self.rebuild()
+                snapshot = self.rebuild(changes)
             except Exception:
                 self._restore(models, before)
                 raise
@@ -168,7 +180,7 @@ class Controller:
                     raise
                 self._restore(models, before)
                 self.store.save(models)
-                self.rebuild()
+                self.rebuild(changes)
                 raise
         for model in models:
             metrics.weight_changes.labels(model.name).inc()
@@ -436,7 +448,7 @@ class Controller:
         version.activator = url
         if url is None and version.state in PARKED_STATES:
             version.endpoints = []
-            self.rebuild()
+            self.rebuild([model_name])
 
     async def _ensure(self, model_name: str, version: Version) -> None:
         if self.runtime is not None:
@@ -456,7 +468,7 @@ class Controller:
         elif state == "active":
             version.activator = None  # ready again: traffic goes to it directly
         version.endpoints, version.state = endpoints, state
-        self._rebuild_soon()
+        self._rebuild_soon(model_name)
         fields = dict(model=model_name, version=version_name, state=state)
         if version.ready != was_ready:
             kind = "backend.ready" if version.ready else "backend.unready"

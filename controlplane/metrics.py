@@ -96,6 +96,12 @@ xds_pushes = Counter(
     ["type"],
     registry=REGISTRY,
 )
+xds_pushed_bytes = Counter(
+    "switchyard_xds_pushed_bytes",
+    "Bytes of xDS responses sent to Envoys (each serialized once per change; the nonce aside)",
+    ["type"],
+    registry=REGISTRY,
+)
 xds_acks = Counter(
     "switchyard_xds_acks_total", "Discovery responses ACKed, by type", ["type"], registry=REGISTRY
 )
@@ -222,11 +228,12 @@ asyncio_tasks.set_function(_count_tasks)
 _seen_versions: set[tuple[str, str]] = set()
 
 
-def observe_models(models: Iterable[Any]) -> None:
+def observe_models(models: Iterable[Any], prune: bool = True) -> None:
     """Bring the per-model series in line with the state (called on every snapshot rebuild).
 
-    Sets each version's weight, readiness and state; creates the per-model counters at 0; drops
-    the series of versions that no longer exist, so a removed version leaves no stale weight.
+    Sets each version's weight, readiness and state; creates the per-model counters at 0; with
+    `prune` (`models` is every model), drops the series of versions that no longer exist, so a
+    removed version leaves no stale weight.
     """
     current: set[tuple[str, str]] = set()
     for model in models:
@@ -238,6 +245,9 @@ def observe_models(models: Iterable[Any]) -> None:
             for state in VERSION_STATES:
                 backend_state.labels(*key, state).set(int(version.state == state))
         _init_model_counters(model.name)
+    if not prune:
+        _seen_versions.update(current)
+        return
     for key in _seen_versions - current:
         for gauge in (version_weight, backend_ready):
             gauge.remove(*key)

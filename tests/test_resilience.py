@@ -349,7 +349,7 @@ def test_envoy_serves_on_while_the_control_plane_is_down_and_resyncs_after(tmp_p
             envoys = control.api("GET", "/v1/envoys")[1]["envoys"]
             return (
                 [e["node_id"] for e in envoys] == ["edge"]
-                and len(envoys[0]["types"]) == 4
+                and len(envoys[0]["types"]) == 5  # cds, eds, lds, srds, rds
                 and all(
                     t["acked_version"] and not t["pending"] and t["nack"] is None
                     for t in envoys[0]["types"].values()

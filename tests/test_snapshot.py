@@ -14,32 +14,39 @@ from controlplane.xds.snapshot import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SCOPED_ROUTE,
+    TYPE_ORDER,
     InconsistentSnapshot,
     Snapshot,
+    SnapshotBuilder,
     build_snapshot,
 )
 
 PROXY = resources.ProxySettings("127.0.0.1", 10000)
 
 
-def _state() -> State:
-    config = parse_config(
+def _state(fillers: int = 0) -> State:
+    """`chat` with two versions, and `fillers` more models like it."""
+    models = [
         {
-            "models": [
-                {
-                    "name": "chat",
-                    "versions": [
-                        {"name": "v1", "weight": 100, "backend": {"url": "http://127.0.0.1:8001"}},
-                        {"name": "v2", "weight": 0, "backend": {"url": "http://127.0.0.1:8002"}},
-                    ],
-                }
-            ]
+            "name": name,
+            "versions": [
+                {"name": "v1", "weight": 100, "backend": {"url": "http://127.0.0.1:8001"}},
+                {"name": "v2", "weight": 0, "backend": {"url": "http://127.0.0.1:8002"}},
+            ],
         }
-    )
-    state = State.from_config(config)
-    for version in state.models["chat"].versions.values():
-        version.endpoints, version.state = [Endpoint(version.backend.url)], "active"
+        for name in ["chat", *(f"org/filler-{i}" for i in range(fillers))]
+    ]
+    state = State.from_config(parse_config({"models": models}))
+    for model in state.models.values():
+        for version in model.versions.values():
+            version.endpoints, version.state = [Endpoint(version.backend.url)], "active"
     return state
+
+
+def _routes(snapshot: Snapshot, model: str) -> route_pb2.RouteConfiguration:
+    packed = snapshot.resources[ROUTE][resources.scope_name(model)]
+    return route_pb2.RouteConfiguration.FromString(packed.value)
 
 
 def test_a_weight_change_moves_only_the_route_version():
@@ -49,10 +56,56 @@ def test_a_weight_change_moves_only_the_route_version():
     apply_weights(model, check_weights(model, {"v1": 50, "v2": 50}))
     after = build_snapshot(state, PROXY)
     assert after.version != before.version
-    changed = {
-        t for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE) if before.versions[t] != after.versions[t]
-    }
+    changed = {t for t in TYPE_ORDER if before.versions[t] != after.versions[t]}
     assert changed == {ROUTE}
+
+
+def test_a_weight_change_sends_one_small_route_configuration_whatever_the_fleet():
+    """Envoy runs `before`; the RDS response for the change carries the changed model's
+    RouteConfiguration only: the same bytes with 1 model as with 1,001."""
+    sizes = []
+    for fillers in (0, 200, 1000):
+        state = _state(fillers)
+        builder = SnapshotBuilder(PROXY)
+        before = builder.build(state)
+        model = state.models["chat"]
+        apply_weights(model, check_weights(model, {"v1": 50, "v2": 50}))
+        after = builder.build(state)
+        names = frozenset(before.resources[ROUTE])
+        response = after.response(ROUTE, names, since=before.packed[ROUTE])
+        assert [r.value for r in response.resources] == [
+            after.resources[ROUTE][resources.scope_name("chat")].value
+        ]
+        sizes.append(len(after.payload(ROUTE, names, since=before.packed[ROUTE])))
+        # Everything else is the previous snapshot's bytes, not rebuilt.
+        for name, packed in after.resources[ROUTE].items():
+            if name != resources.scope_name("chat"):
+                assert packed is before.resources[ROUTE][name]
+    assert len(set(sizes)) == 1 and sizes[0] < 4096, sizes
+
+
+def test_every_model_has_a_scope_keyed_by_its_name_and_its_own_routes():
+    from envoy.config.route.v3 import scoped_route_pb2
+
+    state = _state(2)
+    snapshot = build_snapshot(state, PROXY)
+    scopes = [
+        scoped_route_pb2.ScopedRouteConfiguration.FromString(packed.value)
+        for packed in snapshot.resources[SCOPED_ROUTE].values()
+    ]
+    keys = {scope.key.fragments[0].string_key: scope.route_configuration_name for scope in scopes}
+    assert keys == {
+        "chat": "model/chat", "org/filler-0": "model/org/filler-0",
+        "org/filler-1": "model/org/filler-1",
+        resources.MISSING_MODEL: resources.MISSING_ROUTES,
+        resources.INVALID_BODY: resources.INVALID_ROUTES,
+    }  # fmt: skip
+    assert set(keys.values()) == set(snapshot.resources[ROUTE])
+    # A model's routes name only its own clusters.
+    split = next(r for r in _routes(snapshot, "org/filler-1").virtual_hosts[0].routes
+                 if r.name.endswith("/split"))  # fmt: skip
+    assert {c.name for c in split.route.weighted_clusters.clusters} == {
+        "org/filler-1@v1", "org/filler-1@v2"}  # fmt: skip
 
 
 def test_same_state_same_version():
@@ -61,7 +114,7 @@ def test_same_state_same_version():
 
 def test_weighted_route_carries_every_version_and_its_header():
     snapshot = build_snapshot(_state(), PROXY)
-    config = route_pb2.RouteConfiguration.FromString(snapshot.resources[ROUTE]["switchyard"].value)
+    config = _routes(snapshot, "chat")
     split = next(r for r in config.virtual_hosts[0].routes if r.name == "chat/split")
     clusters = {c.name: c.weight.value for c in split.route.weighted_clusters.clusters}
     assert clusters == {"chat@v1": 100, "chat@v2": 0}
@@ -94,7 +147,22 @@ def test_a_route_to_a_missing_cluster_is_refused():
                     e for e in resources.build_endpoints(state) if e.cluster_name != "chat@v2"
                 ],
                 LISTENER: [resources.build_listener(PROXY)],
-                ROUTE: [resources.build_route_config(state)],
+                SCOPED_ROUTE: resources.build_scopes(state),
+                ROUTE: resources.build_route_configs(state),
+            }
+        )
+
+
+def test_a_scope_without_its_route_configuration_is_refused():
+    state = _state()
+    with pytest.raises(InconsistentSnapshot, match="model/chat"):
+        Snapshot.from_resources(
+            {
+                CLUSTER: resources.build_clusters(state),
+                ENDPOINT: resources.build_endpoints(state),
+                LISTENER: [resources.build_listener(PROXY)],
+                SCOPED_ROUTE: resources.build_scopes(state),
+                ROUTE: [c for c in resources.build_route_configs(state) if c.name != "model/chat"],
             }
         )
 
@@ -104,7 +172,9 @@ def test_response_is_filtered_to_the_subscribed_names():
     response = snapshot.response(ENDPOINT, frozenset({"chat@v2", "gone@v9"}))
     assert len(response.resources) == 1
     assert snapshot.response(CLUSTER, None).version_info == snapshot.versions[CLUSTER]
-    assert snapshot.response(ENDPOINT, frozenset({"chat@v2", "gone@v9"})) is response
+    # Serialized once per subscription, shared by every stream that has it.
+    payload = snapshot.payload(ENDPOINT, frozenset({"chat@v2", "gone@v9"}))
+    assert snapshot.payload(ENDPOINT, frozenset({"chat@v2", "gone@v9"})) is payload
 
 
 @pytest.mark.parametrize(
@@ -137,9 +207,7 @@ def test_leaving_a_version_out_gives_it_zero_and_full_weight_makes_stable():
 
 
 def test_the_incremental_builder_matches_a_fresh_build():
-    from controlplane.xds.snapshot import SnapshotBuilder
-
-    state = _state()
+    state = _state(3)
     builder = SnapshotBuilder(PROXY)
     model = state.models["chat"]
     for weights in ({"v1": 100}, {"v1": 30, "v2": 70}, {"v2": 100}, {"v1": 100}):
@@ -159,7 +227,7 @@ def test_a_long_model_list_raises_envoys_direct_response_limit():
             ]
         }
     )  # fmt: skip
-    route_config = resources.build_route_config(State.from_config(config))
+    route_config = resources.missing_model_routes(State.from_config(config), PROXY)
     body = route_config.virtual_hosts[0].routes[0].direct_response.body.inline_string
     assert len(body) > 4096
     assert route_config.max_direct_response_body_size_bytes.value >= len(body)

@@ -26,7 +26,7 @@ from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.sim import SimConfig, make_app
 from controlplane.xds import resources
-from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Snapshot
 from tests.conftest import (
     EnvoyProcess,
     Running,
@@ -88,7 +88,7 @@ def synced(running: Running, nodes) -> bool:
     """Every node connected, each type ACKed with nothing pending or rejected."""
     envoys = envoys_by_node(running)
     return set(nodes) <= set(envoys) and all(
-        len(envoys[node]["types"]) == 4
+        len(envoys[node]["types"]) == 5  # cds, eds, lds, srds, rds
         and all(
             t["acked_version"] and not t["pending"] and t["nack"] is None
             for t in envoys[node]["types"].values()
@@ -323,16 +323,18 @@ def sample(name: str, short_type: str) -> float:
     return REGISTRY.get_sample_value(name, {"type": short_type}) or 0.0
 
 
-def rejected_route_config(state) -> route_components_pb2.Route:
-    """The normal route configuration with, first, a route whose regex RE2 cannot compile."""
-    config = resources.build_route_config(state)
+def rejected_route_configs(state) -> list:
+    """The normal route configurations, the model's with, first, a route whose regex RE2
+    cannot compile."""
+    configs = resources.build_route_configs(state)
     broken = route_components_pb2.Route(
         name="broken",
         match=route_components_pb2.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex="(")),
         route=route_components_pb2.RouteAction(cluster=resources.cluster_name(MODEL, "v2")),
     )
+    config = next(c for c in configs if c.name == resources.scope_name(MODEL))
     config.virtual_hosts[0].routes.insert(0, broken)
-    return config
+    return configs
 
 
 @pytest.fixture
@@ -403,13 +405,13 @@ async def test_a_rejected_snapshot_is_reported_never_resent_and_the_old_one_serv
                 CLUSTER: resources.build_clusters(state),
                 ENDPOINT: resources.build_endpoints(state),
                 LISTENER: [resources.build_listener(controller.proxy)],
-                ROUTE: [rejected_route_config(state)],
+                SCOPED_ROUTE: resources.build_scopes(state),
+                ROUTE: rejected_route_configs(state),
             }
         )
         assert bad.versions[ROUTE] != good.versions[ROUTE]
-        assert {t: bad.versions[t] for t in (CLUSTER, ENDPOINT, LISTENER)} == {
-            t: good.versions[t] for t in (CLUSTER, ENDPOINT, LISTENER)
-        }
+        same = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE)
+        assert {t: bad.versions[t] for t in same} == {t: good.versions[t] for t in same}
         nacks = sample("switchyard_xds_nacks_total", "rds")
         controller.xds.publish(bad)
 

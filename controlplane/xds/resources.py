@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -31,8 +32,9 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -49,13 +51,20 @@ from controlplane.config import OPENAI_POST_PATHS, Config, RetryPolicy, split_ho
 from controlplane.state import Model, State
 
 LISTENER_NAME = "switchyard"
-ROUTE_CONFIG_NAME = "switchyard"
+SCOPED_ROUTES_NAME = "switchyard"
 METADATA_NAMESPACE = "switchyard"
 VERSION_HEADER = "x-switchyard-version"
+# The body's `model`, copied from dynamic metadata into this header by the listener: the key
+# Envoy picks a model's scope (its own RouteConfiguration) by. Set by Envoy, never the client.
+MODEL_HEADER = "x-switchyard-model"
 PREVIEW_TOKEN_HEADER = "x-switchyard-preview-token"
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MISSING_MODEL = "__missing__"  # json_to_metadata's marker: JSON body without `model`
 INVALID_BODY = "__invalid__"  # json_to_metadata's marker: body is not JSON
+# The route configurations of the two markers' scopes (the model list lives in the first:
+# a GET has no body, so its `model` is missing).
+MISSING_ROUTES = "switchyard/missing"
+INVALID_ROUTES = "switchyard/invalid"
 ANY_STRING = "\x00any string"  # _metadata_match: `model` is a string (whichever)
 # Long generations stream for minutes: no total timeout, but a stream silent this long is dead.
 STREAM_IDLE_TIMEOUT_S = 300
@@ -248,30 +257,31 @@ def _outlier_detection() -> outlier_detection_pb2.OutlierDetection:
 
 
 def build_endpoints(state: State) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    return [cla for model in state.models.values() for cla in model_endpoints(model)]
+
+
+def model_endpoints(model: Model) -> list[endpoint_pb2.ClusterLoadAssignment]:
     """Only ready endpoints: traffic must never reach a backend that cannot answer.
 
     Each endpoint carries its version in metadata: with failover, the response header
     `x-switchyard-version` is read from the host that answered."""
     assignments = []
-    for model in state.models.values():
-        for version in model.versions.values():
-            metadata = _version_metadata(version.name)
-            lb_endpoints = [
-                endpoint_components_pb2.LbEndpoint(
-                    endpoint=endpoint_components_pb2.Endpoint(address=_address(*ep.host_port)),
-                    metadata=metadata,
-                )
-                for ep in version.endpoints
-                if ep.ready
-            ]
-            assignments.append(
-                endpoint_pb2.ClusterLoadAssignment(
-                    cluster_name=cluster_name(model.name, version.name),
-                    endpoints=[
-                        endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)
-                    ],
-                )
+    for version in model.versions.values():
+        metadata = _version_metadata(version.name)
+        lb_endpoints = [
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(address=_address(*ep.host_port)),
+                metadata=metadata,
             )
+            for ep in version.endpoints
+            if ep.ready
+        ]
+        assignments.append(
+            endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=cluster_name(model.name, version.name),
+                endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],
+            )
+        )
     return assignments
 
 
@@ -283,6 +293,11 @@ def _version_metadata(version: str) -> base_pb2.Metadata:
 
 
 def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
+    """The one listener. Its filters lift the body's `model` into dynamic metadata
+    (json_to_metadata) and copy it into MODEL_HEADER (header_mutation, which then resolves
+    the route: after the header is set); the connection manager's scoped routes look the
+    header up in a hash table of scopes, one per model, so a request costs the same with
+    one model as with a thousand, and a weight change re-sends one model's routes."""
     body_to_metadata = json_to_metadata_pb2.JsonToMetadata(
         request_rules=json_to_metadata_pb2.JsonToMetadata.MatchRules(
             rules=[
@@ -298,13 +313,33 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
             allow_empty_content_type=True,
         )
     )
+    model_to_header = header_mutation_pb2.HeaderMutation(
+        mutations=header_mutation_pb2.Mutations(
+            request_mutations=[
+                mutation_rules_pb2.HeaderMutation(remove=MODEL_HEADER),
+                mutation_rules_pb2.HeaderMutation(
+                    append=_header(
+                        MODEL_HEADER, f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%"
+                    )
+                ),
+            ]
+        )
+    )
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="switchyard",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        scoped_routes=hcm_pb2.ScopedRoutes(
+            name=SCOPED_ROUTES_NAME,
+            scope_key_builder=_scope_key_builder(),
+            rds_config_source=_ads(),
+            scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=_ads()),
+        ),
         http_filters=[
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.json_to_metadata", typed_config=_pack(body_to_metadata)
+            ),
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.header_mutation", typed_config=_pack(model_to_header)
             ),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())
@@ -338,14 +373,37 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
     )
 
 
+def _scope_key_builder() -> hcm_pb2.ScopedRoutes.ScopeKeyBuilder:
+    """The scope key is MODEL_HEADER's whole value."""
+    fragment = hcm_pb2.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder
+    return hcm_pb2.ScopedRoutes.ScopeKeyBuilder(
+        fragments=[
+            fragment(
+                header_value_extractor=fragment.HeaderValueExtractor(name=MODEL_HEADER, index=0)
+            )
+        ]
+    )
+
+
 def _local_replies() -> hcm_pb2.LocalReplyConfig:
-    """Envoy's own 413 (body too large) in the OpenAI error shape, as the `openai` SDK reads
-    it. Only 413: every other answer Envoy makes itself is a route's direct response, already
-    in that shape (a mapper would rewrite those too)."""
+    """Envoy's own answers in the OpenAI error shape, as the `openai` SDK reads them: 413 for
+    a body too large; and for a `model` no scope has (Envoy's "no route", NR), 404
+    `model_not_found` when it is a string, else 400. Every other answer Envoy makes itself is
+    a route's direct response, already in that shape."""
     too_large = _openai_error(
         413, "The request body is larger than the proxy accepts (proxy.max_request_bytes).",
         param=None, code="request_too_large",
     )  # fmt: skip
+    unknown = _openai_error(
+        404, f"The model `%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%` does not exist.",
+        param="model", code="model_not_found",
+    )  # fmt: skip
+    no_route = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])
+    )
+    model_is_a_string = accesslog_pb2.AccessLogFilter(
+        metadata_filter=accesslog_pb2.MetadataFilter(matcher=_model_matcher(ANY_STRING))
+    )
     return hcm_pb2.LocalReplyConfig(
         mappers=[
             hcm_pb2.ResponseMapper(
@@ -358,38 +416,121 @@ def _local_replies() -> hcm_pb2.LocalReplyConfig:
                     )
                 ),
                 body_format_override=too_large.body_format,
-            )
+            ),
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    and_filter=accesslog_pb2.AndFilter(filters=[no_route, model_is_a_string])
+                ),
+                status_code=wrappers_pb2.UInt32Value(value=404),
+                body_format_override=unknown.body_format,
+            ),
+            hcm_pb2.ResponseMapper(
+                filter=no_route,
+                status_code=wrappers_pb2.UInt32Value(value=400),
+                body_format_override=_not_a_string().body_format,
+            ),
         ]
     )
 
 
-def build_route_config(
+def _not_a_string() -> route_components_pb2.DirectResponseAction:
+    return _openai_error(400, "The request body's `model` must be a string.", param="model")
+
+
+def scope_name(model: str) -> str:
+    """A model's scope and the name of its RouteConfiguration."""
+    return f"model/{model}"
+
+
+def build_scopes(state: State) -> list[scoped_route_pb2.ScopedRouteConfiguration]:
+    """One scope per model, keyed by its name, and one per marker (no `model`, not JSON)."""
+    scopes = [
+        _scope(MISSING_ROUTES, MISSING_MODEL, MISSING_ROUTES),
+        _scope(INVALID_ROUTES, INVALID_BODY, INVALID_ROUTES),
+    ]
+    for name in state.models:
+        scopes.append(_scope(scope_name(name), name, scope_name(name)))
+    return scopes
+
+
+def _scope(name: str, key: str, routes: str) -> scoped_route_pb2.ScopedRouteConfiguration:
+    return scoped_route_pb2.ScopedRouteConfiguration(
+        name=name,
+        route_configuration_name=routes,
+        key=scoped_route_pb2.ScopedRouteConfiguration.Key(
+            fragments=[scoped_route_pb2.ScopedRouteConfiguration.Key.Fragment(string_key=key)]
+        ),
+    )
+
+
+def build_route_configs(
     state: State,
     proxy: ProxySettings | None = None,
-    routes_of: Callable[[Model], list[route_components_pb2.Route]] | None = None,
-) -> route_pb2.RouteConfiguration:
-    """The one route configuration; `routes_of` may serve per-model routes from a cache.
-
-    Order: the model list; the gates (a method other than POST, a path outside the OpenAI API,
-    a pin without the preview token), so that only an OpenAI call ever reaches a model's
-    routes; the models; then the errors about the body's `model`."""
+    route_config_of: Callable[[Model], route_pb2.RouteConfiguration] | None = None,
+) -> list[route_pb2.RouteConfiguration]:
+    """The markers' route configurations, then one per model (`route_config_of` may serve
+    them from a cache)."""
     proxy = proxy or ProxySettings("127.0.0.1", 0)
+    configs = [missing_model_routes(state, proxy), invalid_body_routes(proxy)]
+    route_config_of = route_config_of or functools.partial(model_route_config, proxy=proxy)
+    configs.extend(route_config_of(model) for model in state.models.values())
+    return configs
+
+
+def model_route_config(model: Model, proxy: ProxySettings) -> route_pb2.RouteConfiguration:
+    """Everything a request for `model` can meet: the gates, its pins and its split, and a
+    400 for a `model` that only looks like this one (a number whose digits are its name)."""
+    routes = [*_gate_routes(proxy), *model_routes(model)]
+    routes.append(
+        route_components_pb2.Route(
+            name="error/model-not-a-string",
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=_not_a_string(),
+        )
+    )
+    return _route_config(scope_name(model.name), routes)
+
+
+def missing_model_routes(state: State, proxy: ProxySettings) -> route_pb2.RouteConfiguration:
+    """A request without `model`: the model list (a GET has no body), the gates, a 400."""
     models_list = models_list_body(state)
-    routes = [_models_list_route(models_list), *_gate_routes(proxy)]
-    for model in state.models.values():
-        routes.extend((routes_of or model_routes)(model))
-    routes.extend(_error_routes())
+    routes = [
+        _models_list_route(models_list),
+        *_gate_routes(proxy),
+        route_components_pb2.Route(
+            name="error/missing-model",
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=_openai_error(
+                400, "The request body must be a JSON object with a `model` field.", param="model"
+            ),
+        ),
+    ]
+    config = _route_config(MISSING_ROUTES, routes)
+    # Envoy refuses direct responses over 4 KiB by default: about 40 models' list.
+    config.max_direct_response_body_size_bytes.value = max(4096, len(models_list.encode()) + 1024)
+    return config
+
+
+def invalid_body_routes(proxy: ProxySettings) -> route_pb2.RouteConfiguration:
+    routes = [
+        *_gate_routes(proxy),
+        route_components_pb2.Route(
+            name="error/invalid-body",
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=_openai_error(400, "The request body is not valid JSON.", param=None),
+        ),
+    ]
+    return _route_config(INVALID_ROUTES, routes)
+
+
+def _route_config(name: str, routes: list) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
+        name=name,
         virtual_hosts=[
             route_components_pb2.VirtualHost(name="openai", domains=["*"], routes=routes)
         ],
-        # The preview token is for Envoy, never for the backends.
-        request_headers_to_remove=[PREVIEW_TOKEN_HEADER],
-        # Envoy refuses direct responses over 4 KiB by default: about 40 models' list.
-        max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(
-            value=max(4096, len(models_list.encode()) + 1024)
-        ),
+        # The preview token is for Envoy, never for the backends; nor is the scope key.
+        request_headers_to_remove=[PREVIEW_TOKEN_HEADER, MODEL_HEADER],
     )
 
 
@@ -398,7 +539,8 @@ def _gate_routes(proxy: ProxySettings) -> tuple[route_components_pb2.Route, ...]
     """404 for whatever is not an OpenAI call, 403 for a pin without the preview token.
 
     A backend's own endpoints (vLLM's /sleep, /collective_rpc, the simulator's /sim/faults)
-    share its port with the OpenAI API: these routes are what keeps them private."""
+    share its port with the OpenAI API: these routes, first in every scope, are what keeps
+    them private."""
     routes = [
         route_components_pb2.Route(
             name="error/not-post",
@@ -552,49 +694,6 @@ def _models_list_route(body: str) -> route_components_pb2.Route:
     )
 
 
-@functools.cache
-def _error_routes() -> tuple[route_components_pb2.Route, ...]:
-    """What no model route took: OpenAI-style 400s and 404s, in the `openai` SDK's shape.
-
-    Built once: the same for every snapshot (callers copy them into a new message)."""
-    return (
-        route_components_pb2.Route(
-            name="error/missing-model",
-            match=_metadata_match(MISSING_MODEL, _header_exact(":method", "POST")),
-            direct_response=_openai_error(
-                400, "The request body must be a JSON object with a `model` field.", param="model"
-            ),
-        ),
-        route_components_pb2.Route(
-            name="error/invalid-body",
-            match=_metadata_match(INVALID_BODY, _header_exact(":method", "POST")),
-            direct_response=_openai_error(400, "The request body is not valid JSON.", param=None),
-        ),
-        route_components_pb2.Route(
-            name="error/unknown-model",
-            match=_metadata_match(ANY_STRING),
-            direct_response=_openai_error(
-                404,
-                f"The model `%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%` does not exist.",
-                param="model",
-                code="model_not_found",
-            ),
-        ),
-        route_components_pb2.Route(
-            name="error/model-not-a-string",
-            match=_metadata_match(None),
-            direct_response=_openai_error(
-                400, "The request body's `model` must be a string.", param="model"
-            ),
-        ),
-        route_components_pb2.Route(
-            name="error/not-found",
-            match=route_components_pb2.RouteMatch(prefix="/"),
-            direct_response=_openai_error(404, "Not found: %REQ(:path)%", param=None),
-        ),
-    )
-
-
 def _openai_error(
     status: int, message: str, param: str | None, code: str | None = None
 ) -> route_components_pb2.DirectResponseAction:
@@ -655,28 +754,24 @@ def _retry_policy(retries: RetryPolicy) -> route_components_pb2.RetryPolicy:
 
 
 def _metadata_match(
-    value: str | None, *headers: route_components_pb2.HeaderMatcher
+    value: str, *headers: route_components_pb2.HeaderMatcher
 ) -> route_components_pb2.RouteMatch:
-    """Match the body's `model` in dynamic metadata: an exact string, any string
-    (ANY_STRING), or any value at all (None)."""
-    if value is None:
-        matcher = value_pb2.ValueMatcher(present_match=True)
-    elif value is ANY_STRING:
-        matcher = value_pb2.ValueMatcher(
-            string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".*"))
-        )
-    else:
-        matcher = value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=value))
+    """Match the body's `model` in dynamic metadata (an exact string), and `headers`."""
     return route_components_pb2.RouteMatch(
-        prefix="/",
-        headers=headers,
-        dynamic_metadata=[
-            metadata_pb2.MetadataMatcher(
-                filter=METADATA_NAMESPACE,
-                path=[metadata_pb2.MetadataMatcher.PathSegment(key="model")],
-                value=matcher,
-            )
-        ],
+        prefix="/", headers=headers, dynamic_metadata=[_model_matcher(value)]
+    )
+
+
+def _model_matcher(value: str) -> metadata_pb2.MetadataMatcher:
+    """The body's `model` in dynamic metadata is `value`, or any string (ANY_STRING)."""
+    if value is ANY_STRING:
+        string = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".*"))
+    else:
+        string = string_pb2.StringMatcher(exact=value)
+    return metadata_pb2.MetadataMatcher(
+        filter=METADATA_NAMESPACE,
+        path=[metadata_pb2.MetadataMatcher.PathSegment(key="model")],
+        value=value_pb2.ValueMatcher(string_match=string),
     )
 
 

@@ -13,11 +13,12 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import logs, metrics
 from controlplane.errors import AckTimeout, EnvoyRejected
@@ -25,15 +26,19 @@ from controlplane.events import EventBus
 from controlplane.xds.snapshot import (
     CLUSTER,
     ENDPOINT,
+    PARTIAL_TYPES,
     SHORT_NAMES,
     TYPE_ORDER,
     WILDCARD_TYPES,
+    Packed,
     Snapshot,
 )
 
 log = logs.get("xds")
-# Types whose ACK must arrive before later types are sent: a route may only name warm clusters.
-WARMING_TYPES = (CLUSTER, ENDPOINT)
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+# How many past versions per type are kept to send an Envoy only what changed since the one
+# it runs (an Envoy further behind gets everything).
+HISTORY = 64
 
 
 @dataclass
@@ -49,9 +54,24 @@ class TypeState:
     acked_version: str | None = None
     nack: dict | None = None  # {"version", "message"} of the last rejected response
     force: bool = False  # resend even if unchanged (EDS after a CDS change)
+    warming: bool = False  # the pending response completes new clusters (EDS after CDS)
+    # The publication (XdsServer.publish, counted) the last response sent / ACKed came from:
+    # an Envoy that ACKed a later one runs every earlier change too.
+    sent_seq: int = 0
+    acked_seq: int = 0
 
     def to_json(self) -> dict:
         return {"acked_version": self.acked_version, "nack": self.nack, "pending": self.pending}
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One wait_applied: the streams it still waits for."""
+
+    snapshot: Snapshot
+    seq: int
+    done: asyncio.Future
+    pending: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -63,8 +83,13 @@ class EnvoyStream:
     types: dict[str, TypeState] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def applied(self, snapshot: Snapshot) -> bool:
-        return all(ts.acked_version == snapshot.versions[t] for t, ts in self.types.items())
+    def applied(self, snapshot: Snapshot, seq: int = 0) -> bool:
+        """It runs `snapshot` (published as number `seq`), or a later publication: a
+        change superseded before this Envoy answered counts as applied by the newer one."""
+        return all(
+            ts.acked_version == snapshot.versions[t] or (seq and ts.acked_seq >= seq)
+            for t, ts in self.types.items()
+        )
 
     def rejected(self, snapshot: Snapshot) -> tuple[str, dict] | None:
         for type_url, ts in self.types.items():
@@ -88,12 +113,15 @@ class EnvoyStream:
         }
 
 
-class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class XdsServer:
     def __init__(self, events: EventBus | None = None) -> None:
         self.snapshot: Snapshot | None = None
+        self._history: OrderedDict[tuple[str, str], Packed] = OrderedDict()
+        self._seq = 0  # publications so far
+        self._seq_of: OrderedDict[str, int] = OrderedDict()  # snapshot version -> last seq
         self.streams: dict[str, EnvoyStream] = {}
         self._events = events or EventBus()
-        self._changed = asyncio.Condition()
+        self._waiters: set[_Waiter] = set()  # the wait_applied calls under way
         self._nonces = itertools.count(1)
         self._stream_ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
@@ -119,7 +147,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 ("grpc.so_reuseport", 0),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
+        self.add_to(self._server)
         for add_to in services:
             add_to(self._server)
         try:
@@ -137,8 +165,19 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return self.port
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        """Serve ADS on a gRPC server shared with other services (LRS, metrics)."""
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+        """Serve ADS on a gRPC server (shared with other services: the stats push).
+
+        Responses go out as bytes: each is serialized once per change (Snapshot.payload)
+        and shared by every stream, which only appends its nonce."""
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.StreamAggregatedResources,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=bytes,
+        )
+        methods = {"StreamAggregatedResources": handler}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADS_SERVICE, methods),)
+        )
 
     async def stop(self, grace: float = 0.5) -> None:
         if self._server is not None:
@@ -149,6 +188,16 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def publish(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current and push it to every stream."""
         self.snapshot = snapshot
+        self._seq += 1
+        self._seq_of[snapshot.version] = self._seq
+        self._seq_of.move_to_end(snapshot.version)
+        if len(self._seq_of) > HISTORY:
+            self._seq_of.popitem(last=False)
+        for type_url, packed in snapshot.packed.items():
+            self._history[(type_url, packed.version)] = packed
+            self._history.move_to_end((type_url, packed.version))
+        while len(self._history) > HISTORY * len(TYPE_ORDER):
+            self._history.popitem(last=False)
         for stream in self.streams.values():
             stream.wake.set()
 
@@ -161,20 +210,29 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         ACKed anything yet: they serve nothing of ours, and get the newest snapshot anyway.
         So a client that connects and never ACKs (or NACKs everything) cannot hold changes
         back; an Envoy that runs our configuration and then stops answering, or refuses a
-        change, does (docs/security.md).
+        change, does (docs/security.md). Each answer is checked against the waits it
+        concerns only, so waiting costs O(1) per ACK whatever the number of Envoys.
         """
-
-        def settled() -> bool:
-            return all(s.applied(snapshot) or s.rejected(snapshot) for s in self._active())
-
-        async with self._changed:
+        seq = self._seq_of.get(snapshot.version, 0)
+        waiter = _Waiter(snapshot, seq, asyncio.get_running_loop().create_future())
+        for stream in self._active():
+            if not (stream.applied(snapshot, seq) or stream.rejected(snapshot)):
+                waiter.pending.add(stream.key)
+        if waiter.pending:
+            self._waiters.add(waiter)
             try:
-                await asyncio.wait_for(self._changed.wait_for(settled), timeout)
+                await asyncio.wait_for(waiter.done, timeout)
             except TimeoutError:
-                late = [s.node_id for s in self._active() if not s.applied(snapshot)]
+                late = [self.streams[k].node_id for k in waiter.pending if k in self.streams]
+                logs.event(log, "xds.ack_timeout", logging.WARNING, envoys=late,
+                           snapshot=snapshot.version, types=[self.streams[k].to_json()["types"]
+                                                             for k in waiter.pending
+                                                             if k in self.streams])  # fmt: skip
                 raise AckTimeout(
                     f"Envoys {late} did not confirm configuration {snapshot.version} in {timeout}s"
                 ) from None
+            finally:
+                self._waiters.discard(waiter)
         for stream in self._active():
             rejection = stream.rejected(snapshot)
             if rejection:
@@ -185,16 +243,24 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 )
         return len(self._active())
 
+    def _settle(self, stream: EnvoyStream, gone: bool = False) -> None:
+        """An answer from `stream` (or its end): release the waits it was the last one of,
+        at once for a NACK."""
+        for waiter in self._waiters:
+            if stream.key not in waiter.pending:
+                continue
+            rejected = not gone and stream.rejected(waiter.snapshot)
+            if gone or rejected or stream.applied(waiter.snapshot, waiter.seq):
+                waiter.pending.discard(stream.key)
+                if (rejected or not waiter.pending) and not waiter.done.done():
+                    waiter.done.set_result(None)
+
     def _active(self) -> list[EnvoyStream]:
         """The Envoys serving a configuration of ours: those a change must reach."""
         return [stream for stream in self.streams.values() if stream.running]
 
     def envoys(self) -> list[dict]:
         return [stream.to_json() for stream in self.streams.values()]
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     # -- the gRPC stream ---------------------------------------------------------------------
 
@@ -215,7 +281,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.streams.pop(stream.key, None)
             metrics.xds_connected.set(len(self.streams))
             logs.event(log, "xds.disconnected", node=stream.node_id, stream=stream.key)
-            await self._notify()
+            self._settle(stream, gone=True)
 
     async def _on_request(
         self, stream: EnvoyStream, request: discovery_pb2.DiscoveryRequest
@@ -237,7 +303,8 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         names = None if type_url in WILDCARD_TYPES else frozenset(request.resource_names)
         ts.names = names
         stream.wake.set()
-        await self._notify()
+        if request.response_nonce:
+            self._settle(stream)
 
     def _on_answer(self, stream: EnvoyStream, type_url: str, ts: TypeState, request) -> None:
         ts.pending = False
@@ -262,7 +329,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 message=request.error_detail.message,
             )
         else:
-            ts.acked_version = request.version_info
+            ts.acked_version, ts.acked_seq = request.version_info, ts.sent_seq
             ts.nack = None
             metrics.xds_acks.labels(short).inc()
             metrics.xds_ack_latency.labels(short).observe(time.perf_counter() - ts.sent_at)
@@ -283,12 +350,16 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             if warming and type_url != ENDPOINT:
                 return  # listeners and routes wait for warm clusters: make before break
             if not ts.pending and self._due(ts, snapshot.versions[type_url]):
+                ts.warming = ts.force
                 await self._send(stream, context, snapshot, type_url, ts)
                 if type_url == CLUSTER and ENDPOINT in stream.types:
                     stream.types[ENDPOINT].force = True
             # Endpoints are part of a cluster's warming: Envoy ACKs a new cluster only once
-            # its endpoints came, so EDS goes out while CDS waits for its ACK.
-            warming = warming or (ts.pending and type_url in WARMING_TYPES)
+            # its endpoints came, so EDS goes out while CDS waits for its ACK. Endpoint changes
+            # of existing clusters hold nothing back: a weight change never queues behind them.
+            warming = warming or (
+                ts.pending and (type_url == CLUSTER or (type_url == ENDPOINT and ts.warming))
+            )
 
     @staticmethod
     def _due(ts: TypeState, version: str) -> bool:
@@ -302,11 +373,35 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def _send(
         self, stream, context, snapshot: Snapshot, type_url: str, ts: TypeState
     ) -> None:
-        response = discovery_pb2.DiscoveryResponse()
-        response.CopyFrom(snapshot.response(type_url, ts.names))
-        response.nonce = str(next(self._nonces))
-        ts.nonce, ts.pending, ts.force = response.nonce, True, False
-        ts.sent_version, ts.sent_names = snapshot.versions[type_url], ts.names
+        payload = snapshot.payload(type_url, ts.names, self._since(type_url, ts))
+        nonce = str(next(self._nonces))
+        ts.nonce, ts.pending, ts.force = nonce, True, False
+        ts.sent_version, ts.sent_names = snapshot.packed[type_url].version, ts.names
+        ts.sent_seq = self._seq
         ts.sent_at = time.perf_counter()
-        await context.write(response)
-        metrics.xds_pushes.labels(SHORT_NAMES[type_url]).inc()
+        await context.write(payload + _nonce_field(nonce))
+        short = SHORT_NAMES[type_url]
+        metrics.xds_pushes.labels(short).inc()
+        metrics.xds_pushed_bytes.labels(short).inc(len(payload))
+
+    def _since(self, type_url: str, ts: TypeState) -> Packed | None:
+        """What this Envoy runs of `type_url`, when it may be sent only what changed since:
+        routes and endpoints, same subscription, a version we still know, no resend forced
+        (endpoints after a cluster change: Envoy waits for all of them again)."""
+        if type_url not in PARTIAL_TYPES or ts.force or ts.acked_version is None:
+            return None
+        if ts.sent_names != ts.names:
+            return None
+        return self._history.get((type_url, ts.acked_version))
+
+
+def _nonce_field(nonce: str) -> bytes:
+    """DiscoveryResponse.nonce (field 5) on the wire: appended to a serialized response, it
+    sets the nonce (protobuf reads fields in any order)."""
+    data = nonce.encode()
+    size, length = len(data), bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        length.append(byte | (0x80 if size else 0))
+        if not size:
+            return b"\x2a" + bytes(length) + data
