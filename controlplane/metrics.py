@@ -257,7 +257,14 @@ def observe_models(models: Iterable[Any], prune: bool = True) -> None:
     _seen_versions.update(current)
 
 
+_counted_models: set[str] = set()  # whose counters exist (they are never removed)
+
+
 def _init_model_counters(model: str) -> None:
+    """A model's counters at 0, created once: a weight change does not look up 23 series."""
+    if model in _counted_models:
+        return
+    _counted_models.add(model)
     weight_changes.labels(model)
     for strategy in STRATEGIES:
         rollouts_started.labels(model, strategy)
