@@ -160,14 +160,26 @@ class VersionConfig(Strict):
 class RetryPolicy(Strict):
     """Envoy's retries for one request of this model.
 
-    A connect failure or a reset before any response byte is always retried (up to
-    `attempts` times): nothing was generated, so nothing is sent twice. `on_5xx` also
-    retries a 5xx answer. Retries are counted in the health signals, so they cannot hide a
-    failing version from the analysis.
+    A connect failure or a reset before the request went out is always retried (up to
+    `attempts` times): nothing was generated. `on_5xx` also retries a 5xx answer, a reset
+    after the request went out, and an attempt idle for `idle_timeout_seconds`, on another
+    host and, through failover, on the stable version. By default (null) it is on while a
+    rollout runs: the candidate is then the likely cause and stable has room, so a bad
+    canary costs clients nothing; outside rollouts a fleet-wide error retried would only
+    double the load. Envoy never retries once a response byte reached the client. Retries
+    are counted in the health signals, so they cannot hide a failing version.
+
+    `idle_timeout_seconds`: an attempt that received nothing for this long is retried (with
+    `on_5xx`) or ended with a 504, instead of waiting on a hung server. The default, 300 s,
+    is the listener's own stream idle timeout: a non-streaming generation sends nothing until
+    it is done, and a request queued behind a busy engine sends nothing either, so a shorter
+    default would cut legitimate requests. Lower it per model when you know the longest
+    silence your traffic has (e.g. 30 s for streaming chat).
     """
 
     attempts: StrictInt = Field(1, ge=0, le=5)
-    on_5xx: StrictBool = False
+    on_5xx: StrictBool | None = None
+    idle_timeout_seconds: float = Field(300.0, gt=0, le=3600)
 
 
 class AlertThresholds(Strict):

@@ -65,6 +65,7 @@ class RolloutEngine:
                 continue
             model.active_rollout = doc["id"]
             self.rollouts[doc["id"]] = doc
+            self.controller.rebuild([model.name])  # its routes retry as during any rollout
             logs.event(log, "rollout.resumed_after_restart", id=doc["id"], step=doc["step_index"])
             self._spawn(doc)
 
@@ -529,6 +530,7 @@ class RolloutEngine:
     def _close(self, doc, phase: str) -> None:
         self.controller.store.save(rollouts=[doc])
         self._model(doc).active_rollout = None
+        self.controller.rebuild([doc["model"]])  # the routes' rollout-time retries end
         self.rollouts.pop(doc["id"], None)
         self._wake.pop(doc["id"], None)
         metrics.rollouts_finished.labels(doc["model"], phase).inc()

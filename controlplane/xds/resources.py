@@ -595,14 +595,16 @@ def model_routes(model: Model) -> list[route_components_pb2.Route]:
     A pin goes to that version's hosts only (no failover); the split goes to each version's
     aggregate cluster, whose answer may come from stable: the header names the host's version.
     """
-    retries = model.retries
+    retries, rolling_out = model.retries, model.active_rollout is not None
     routes = []
     for version in model.versions.values():
         routes.append(
             route_components_pb2.Route(
                 name=f"{model.name}/pin/{version.name}",
                 match=_metadata_match(model.name, _header_exact(VERSION_HEADER, version.name)),
-                route=_forward(retries, cluster=hosts_cluster_name(model.name, version.name)),
+                route=_forward(
+                    retries, rolling_out, cluster=hosts_cluster_name(model.name, version.name)
+                ),
                 response_headers_to_add=[_version_header(version.name)],
             )
         )
@@ -634,7 +636,7 @@ def model_routes(model: Model) -> list[route_components_pb2.Route]:
             for version in model.versions.values()
         ]
     )
-    action = _forward(retries, weighted_clusters=split)
+    action = _forward(retries, rolling_out, weighted_clusters=split)
     _apply_policy(model, action)
     routes.append(
         route_components_pb2.Route(
@@ -717,40 +719,56 @@ def _openai_error(
     )
 
 
-def _forward(retries: RetryPolicy, **action) -> route_components_pb2.RouteAction:
+def _forward(
+    retries: RetryPolicy, rolling_out: bool, **action
+) -> route_components_pb2.RouteAction:
+    idle = max(STREAM_IDLE_TIMEOUT_S, retries.idle_timeout_seconds)
     forward = route_components_pb2.RouteAction(
         timeout=duration_pb2.Duration(seconds=0),
-        idle_timeout=duration_pb2.Duration(seconds=STREAM_IDLE_TIMEOUT_S),
+        idle_timeout=_duration(idle),
         **action,
     )
-    if retries.attempts:
-        forward.retry_policy.CopyFrom(_retry_policy(retries))
+    forward.retry_policy.CopyFrom(_retry_policy(retries, rolling_out))
     return forward
 
 
 @functools.cache
-def _retry_policy(retries: RetryPolicy) -> route_components_pb2.RetryPolicy:
+def _retry_policy(retries: RetryPolicy, rolling_out: bool) -> route_components_pb2.RetryPolicy:
     """Retry on another host and, through the aggregate cluster, on the stable version.
 
     A refused connection or a reset before the request went out never reached vLLM: always
-    safe. `on_5xx` adds 5xx answers and resets after the request went out (vLLM may have
-    started generating: the request is sent again elsewhere)."""
-    return route_components_pb2.RetryPolicy(
-        retry_on=NEVER_SENT + (",5xx" if retries.on_5xx else ""),
+    safe. `on_5xx` (by default: while a rollout runs) adds 5xx answers, resets after the
+    request went out, and attempts that heard nothing for `idle_timeout_seconds` (vLLM may
+    have started generating: the request is sent again elsewhere). Envoy retries only before
+    the first response byte went to the client, so nothing a client saw is ever sent twice;
+    an attempt that goes idle after that ends the response instead of hanging."""
+    on_5xx = retries.on_5xx if retries.on_5xx is not None else rolling_out
+    policy = route_components_pb2.RetryPolicy(
+        retry_on=NEVER_SENT + (",5xx,reset" if on_5xx else ""),
         num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
-        retry_host_predicate=[
+        per_try_idle_timeout=_duration(retries.idle_timeout_seconds),
+    )
+    if retries.attempts:
+        policy.retry_host_predicate.append(
             route_components_pb2.RetryPolicy.RetryHostPredicate(
                 name="envoy.retry_host_predicates.previous_hosts",
                 typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
             )
-        ],
-        retry_priority=route_components_pb2.RetryPolicy.RetryPriority(
-            name="envoy.retry_priorities.previous_priorities",
-            typed_config=_pack(
-                previous_priorities_pb2.PreviousPrioritiesConfig(update_frequency=1)
-            ),
-        ),
-    )
+        )
+        policy.retry_priority.CopyFrom(
+            route_components_pb2.RetryPolicy.RetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=_pack(
+                    previous_priorities_pb2.PreviousPrioritiesConfig(update_frequency=1)
+                ),
+            )
+        )
+    return policy
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
 def _metadata_match(

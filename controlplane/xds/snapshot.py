@@ -273,9 +273,11 @@ class SnapshotBuilder:
             name, (versions, ready), lambda: resources.model_endpoints(model)
         )
         weights = tuple((v.name, v.weight) for v in model.versions.values())
+        rolling_out = model.active_rollout is not None  # retries differ (resources.py)
         tables[ROUTE].put(
-            name, (weights, model.policy, model.retries), lambda: [self._model_routes(model)]
-        )
+            name, (weights, model.policy, model.retries, rolling_out),
+            lambda: [self._model_routes(model)],
+        )  # fmt: skip
 
     def _model_routes(self, model: Model):
         config = resources.model_route_config(model, self.proxy)
