@@ -183,3 +183,46 @@ def test_the_crd_rejects_invalid_specs(base, change, complaint):
     change(bad["spec"])
     with pytest.raises(jsonschema.ValidationError, match=re.escape(complaint)):
         check_vllmmodel(schema, bad)
+
+
+def test_the_xds_port_speaks_mutual_tls_with_certificates_from_secrets(base):
+    """The controller refuses a public xDS address without TLS (docs/security.md): the
+    manifests configure it, and both pods mount the Secrets the paths point into."""
+    config = parse_config(yaml.safe_load(
+        one(base, "ConfigMap", "switchyard-config")["data"]["switchyard.yaml"]))  # fmt: skip
+    tls = config.xds.tls
+    assert tls is not None and tls.server_name == "switchyard.switchyard.svc.cluster.local"
+
+    def mounts(deployment: str) -> dict[str, str]:
+        pod = one(base, "Deployment", deployment)["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        (container,) = pod["containers"]
+        return {m["mountPath"]: secrets[m["name"]]
+                for m in container["volumeMounts"] if m["name"] in secrets}  # fmt: skip
+
+    controller, envoy = mounts("switchyard-controller"), mounts("switchyard-envoy")
+    for path in (tls.cert, tls.key, tls.ca):
+        assert controller[path.rsplit("/", 1)[0]] == "switchyard-xds-tls", path
+    for path in (tls.envoy_cert, tls.envoy_key, tls.envoy_ca):
+        assert envoy[path.rsplit("/", 1)[0]] == "switchyard-envoy-tls", path
+
+
+def test_only_envoy_the_controller_and_scrapers_reach_the_model_pods(base):
+    """vLLM serves /sleep and /collective_rpc on the port it serves the API on."""
+    policy = one(base, "NetworkPolicy", "switchyard-backends")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "switchyard"}
+    (rule,) = policy["ingress"]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert allowed == [{"app.kubernetes.io/name": "switchyard-envoy"},
+                       {"app.kubernetes.io/name": "switchyard-controller"},
+                       {"switchyard.io/scraper": "true"}]  # fmt: skip
+    assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    # The pods the controller makes for a VLLMModel carry the label the policy selects.
+    from controlplane.reconciler.kubernetes import KubernetesRuntime
+
+    runtime = object.__new__(KubernetesRuntime)  # workload() reads only these two
+    runtime.namespace, runtime.sim_image = "switchyard", "switchyard:0.1.0"
+    for doc in render(MANIFESTS / "examples"):
+        deployment, _ = runtime.workload(doc, parse_spec(doc["spec"]))
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "switchyard"
