@@ -142,7 +142,10 @@ class Stack:
             host = os.environ.get("SWITCHYARD_POD_IP", "127.0.0.1")
             self.activator = Activator(self.controller, host)
             await self.activator.start()
-        self.scraper = VllmScraper(self.controller.state, self.controller.health)
+        # vLLM's metrics at the resolution of Envoy's stats: a hung engine's unanswered
+        # scrape then comes as soon as its requests' silence shows (health/analysis.py).
+        self.scraper = VllmScraper(self.controller.state, self.controller.health,
+                                   interval=self.config.health.stats_flush_seconds)  # fmt: skip
         await self.scraper.start()
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)

@@ -380,6 +380,21 @@ def test_stuck_seconds_across_envoys_and_since() -> None:
     assert signals.window(MODEL, "v2", 3.0, now=now).stuck_seconds is None
 
 
+def test_a_candidate_that_does_not_answer_its_scrapes_is_stalled_after_one_flush() -> None:
+    """Real vLLM's generations often take over 200 ms: 5 stable p99s then outlast a flush,
+    and a hung candidate waited a second silent flush (3.3 s to roll back). A process that
+    does not answer /metrics either is hung, not slow: one flush of silence is enough."""
+    slow = figures(latency_p99_ms=400.0)
+    hung = figures(requests=3.0, in_flight=6.0, stuck_seconds=1.0, unanswered=1.0)
+    assert stalled(hung, slow) == ("stalled 6 requests in flight, none completed in 1s "
+                                   "(its /metrics does not answer)")  # fmt: skip
+    assert stalled(hung, None) is not None  # no stable to compare with: still hung
+    answering = figures(requests=3.0, in_flight=6.0, stuck_seconds=1.0, unanswered=0.0)
+    assert stalled(answering, slow) is None  # a live engine, slow: not yet
+    assert stalled(figures(requests=3.0, in_flight=6.0, stuck_seconds=0.3, unanswered=1.0),
+                   slow) is None  # less than a flush of silence  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("stuck", "stable", "stall"),
     [

@@ -262,8 +262,10 @@ async def test_backend_restart_never_gives_negative_counts(sims: Sims) -> None:
         assert signals.of("v1")[-1].ttft_s.total == 10
 
         await sims.stop(sim)
-        await scraper.scrape_once()  # connection refused: skipped, nothing raised or pushed
-        assert len(signals.of("v1")) == 2
+        await scraper.scrape_once()  # connection refused: only "no answer", nothing raised
+        assert len(signals.of("v1")) == 3
+        refused = signals.of("v1")[-1]
+        assert refused.unanswered == 1.0 and refused.ttft_s is None and refused.running is None
 
         restarted = await sims.start(port=port, ttft_ms=TTFT_MS)
         await send(restarted.url, 3)
@@ -317,7 +319,10 @@ async def test_a_hung_endpoint_times_out_without_holding_up_the_others(sims: Sim
         started = time.monotonic()
         await scraper.scrape_once()
         assert time.monotonic() - started < 1.0
-        assert [version for _, version, _ in signals.log] == ["v1"]
+        assert [(version, delta.unanswered) for _, version, delta in signals.log] == [
+            ("v1", 0.0), ("v2", 1.0)]  # the hung one is reported as not answering
+        assert since(signals, "v2", started - 1).unanswered == 1.0
+        assert since(signals, "v1", started - 1).unanswered == 0.0
     finally:
         await scraper.stop()
         await runner.cleanup()

@@ -91,6 +91,9 @@ class Delta:
     waiting: float | None = None
     in_flight: float | None = None  # Envoy's upstream_rq_active: requests sent, not answered
     healthy_hosts: float | None = None  # Envoy's membership_healthy: hosts it sends traffic to
+    # vLLM scrapes: 1 when the endpoint's /metrics did not answer in time (a hung or dead
+    # process; a slow but live engine still answers it), 0 when it did
+    unanswered: float | None = None
     source: str = ""  # which Envoy or endpoint, so gauges are summed across sources
 
 
@@ -116,6 +119,7 @@ class Figures:
     # window's end and not limited to the window
     stuck_seconds: float | None = None
     healthy_hosts: float | None = None
+    unanswered: float | None = None  # endpoints whose last /metrics scrape got no answer
 
     def to_json(self) -> dict:
         return {key: _round(value) for key, value in self.__dict__.items()}
@@ -215,6 +219,7 @@ class HealthSignals:
             waiting=_last_gauges(deltas, "waiting"),
             in_flight=_last_gauges(deltas, "in_flight"),
             healthy_hosts=_last_gauges(deltas, "healthy_hosts"),
+            unanswered=_last_gauges(deltas, "unanswered"),
             stuck_seconds=stuck_seconds(series, now, now - RETENTION_S if since is None else since),
         )
 

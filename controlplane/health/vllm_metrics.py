@@ -189,6 +189,7 @@ class VllmScraper:
         self.timeout = timeout if timeout is not None else min(0.8, 0.8 * interval)
         self._previous: dict[Key, Scrape] = {}
         self._quiet_pushed: dict[Key, float] = {}  # when a quiet delta was last pushed
+        self._unanswered: set[Key] = set()  # whose last scrape got no answer
         self._traffic: dict[str, tuple[int, float]] = {}  # model -> (generation, changed at)
         self._rounds = 0
         self._session: aiohttp.ClientSession | None = None
@@ -272,6 +273,7 @@ class VllmScraper:
         for key in [key for key in self._previous if key not in wanted]:
             del self._previous[key]
             self._quiet_pushed.pop(key, None)
+            self._unanswered.discard(key)
         by_url: dict[str, list[tuple[str, str]]] = {}
         for model, version, url in targets:
             by_url.setdefault(url, []).append((model, version))
@@ -300,7 +302,16 @@ class VllmScraper:
                     raise ValueError(f"HTTP {response.status}")
                 text = await response.text()
             parsed = Parsed(text)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # incl. bad text
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # No answer in time: a hung (or dead) process. The analysis may call a stall at
+            # once then, where a slow but live engine gets several of its latencies.
+            logs.event(log, "vllm.scrape_failed", logging.DEBUG, url=url, error=repr(exc))
+            now = time.time()
+            for model, version in members:
+                self._unanswered.add((model, version, url))
+                self.signals.add(model, version, Delta(time=now, source=url, unanswered=1.0))
+            return
+        except ValueError as exc:  # it answered, with something other than metrics
             logs.event(log, "vllm.scrape_failed", logging.DEBUG, url=url, error=repr(exc))
             return
         now = time.time()
@@ -319,15 +330,18 @@ class VllmScraper:
                     for field, current in scrape.histograms.items()
                 }  # fmt: skip
             gauges = {field: scrape.gauges.get(field) for field in DELTA_GAUGES}
+            answered_again = key in self._unanswered  # say so at once, quiet or not
+            self._unanswered.discard(key)
             quiet = not any(histograms.values()) and not any(gauges.values())
-            if quiet:
+            if quiet and not answered_again:
                 last = self._quiet_pushed.get(key)
                 if last is not None and now - last < QUIET_PUSH_S:
                     continue  # nothing new since the last (quiet) delta
                 self._quiet_pushed[key] = now
             else:
                 self._quiet_pushed.pop(key, None)
-            self.signals.add(model, version, Delta(time=now, source=url, **gauges, **histograms))
+            self.signals.add(model, version, Delta(time=now, source=url, unanswered=0.0,
+                                                   **gauges, **histograms))  # fmt: skip
 
 
 def _log_crash(task: asyncio.Task) -> None:

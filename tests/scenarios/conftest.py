@@ -46,14 +46,16 @@ def models_dir() -> Path | None:
 def stack(tmp_path_factory, models_dir) -> Iterator[Running]:
     models = [
         {"name": MODEL, "park": "sleep2", "wake_timeout_seconds": 60, "versions": [
-            {"name": "v1", "weight": 100, "backend": backends.backend(models_dir)},
-            {"name": "v2", "weight": 0, "backend": backends.backend(models_dir)},
+            {"name": "v1", "weight": 100, "backend": backends.backend(models_dir, itl_ms=3)},
+            {"name": "v2", "weight": 0, "backend": backends.backend(models_dir, itl_ms=3)},
         ]},
         {"name": IDLE_MODEL, "idle_timeout_seconds": 2, "wake_timeout_seconds": 60,
          "versions": [{"name": "v1", "weight": 100, "backend": backends.backend(models_dir)}]},
     ]  # fmt: skip
     directory = tmp_path_factory.mktemp(f"scenarios-{backends.KIND}")
-    config_path, config = write_config(directory, models)
+    # Envoys report every 0.5 s: the setting under which a hang is rolled back within 2 s
+    # (docs/benchmarks.md, section 8).
+    config_path, config = write_config(directory, models, health={"stats_flush_seconds": 0.5})
     running = start_switchyard("up", config_path, config, backends.environment(),
                                timeout=READY_TIMEOUT_S)  # fmt: skip
     try:
@@ -110,10 +112,10 @@ class Load(InBackground):
     """Steady completions through Envoy from a background thread: (time sent, version,
     status) of each, status 0 for a request that failed or took longer than `timeout` s."""
 
-    def __init__(self, proxy: str, model: str = MODEL, concurrency: int = 4,
-                 pause: float = 0.05, timeout: float = 20.0) -> None:  # fmt: skip
+    def __init__(self, proxy: str, model: str = MODEL, concurrency: int = 4, pause: float = 0.05,
+                 timeout: float = 20.0, max_tokens: int = 2) -> None:  # fmt: skip
         self.proxy, self.model, self.concurrency = proxy, model, concurrency
-        self.pause, self.timeout = pause, timeout
+        self.pause, self.timeout, self.max_tokens = pause, timeout, max_tokens
         self.results: list[tuple[float, str, int]] = []
         super().__init__()
 
@@ -121,7 +123,8 @@ class Load(InBackground):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
 
             async def worker() -> None:
-                body = {"model": self.model, "prompt": "x", "max_tokens": 2, "ignore_eos": True}
+                body = {"model": self.model, "prompt": "x", "max_tokens": self.max_tokens,
+                        "ignore_eos": True}
                 while not self.stopping.is_set():
                     sent = time.time()
                     try:

@@ -60,8 +60,9 @@ def test_a_healthy_canary_succeeds_on_passing_verdicts_and_parks_the_old_stable(
 
 def _rolled_back_after(stack, spec: dict, fault) -> tuple[dict, float, Load]:
     """Run a canary at 50 % under load, inject `fault` once it passes, and return the rolled
-    back rollout and how long after the fault its rollback was recorded."""
-    with Load(stack.proxy, timeout=30) as load:
+    back rollout and how long after the fault its rollback was recorded. The generations are
+    long enough (~0.3 s) for five of them to outlast a stats flush, as real ones do."""
+    with Load(stack.proxy, timeout=30, max_tokens=96) as load:
         canary = rollout(stack, spec)
         until_phase(stack, canary, "progressing", 10)
         wait_until(lambda: (current(stack, canary)["analysis_status"] or {}).get("result")
@@ -71,7 +72,9 @@ def _rolled_back_after(stack, spec: dict, fault) -> tuple[dict, float, Load]:
         until_phase(stack, canary, "rolled_back", 30)
         time.sleep(0.5)
     done = current(stack, canary)  # the history entry follows the Envoys' ACK
-    return done, rolled_back_at(done) - fault_at, load
+    seconds = rolled_back_at(done) - fault_at
+    print(f"rolled back {seconds:.2f} s after the fault ({backends.KIND}): {done['message']}")
+    return done, seconds, load
 
 
 def rolled_back_at(rollout: dict) -> float:
