@@ -85,6 +85,11 @@ class RequestError(Exception):
         self.param = param
 
 
+def _adapter_shift(name: str) -> int:
+    """Where a LoRA adapter's answers start in WORDS: its own, never the base model's."""
+    return 1 + sum(name.encode()) % (len(WORDS) - 1)
+
+
 def _prompt_too_long(limit: int, prompt_tokens: int) -> RequestError:
     """vLLM stops counting a prompt's tokens one past the context window."""
     seen = min(prompt_tokens, limit + 1)
@@ -440,6 +445,9 @@ class Sim:
 
         if self._garbage:
             text = "".join(GARBAGE[i % len(GARBAGE)] for i in range(tokens))
+        elif model != self.model:  # a LoRA adapter: other weights, other words
+            shift = _adapter_shift(model)
+            text = " ".join(WORDS[(shift + i) % len(WORDS)] for i in range(tokens))
         else:
             text = self._text_of(tokens)
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + tokens,
@@ -487,13 +495,15 @@ class Sim:
             tail = (f'{head}],"usage":{{"prompt_tokens":{prompt_tokens},'
                     f'"total_tokens":{prompt_tokens + tokens},"completion_tokens":{tokens}}}}}\n\n')
         tail += "data: [DONE]\n\n"
-        first, following = _FIRST_TOKEN_JSON, _NEXT_TOKEN_JSON
+        first, following, shift = _FIRST_TOKEN_JSON, _NEXT_TOKEN_JSON, 0
         if self._garbage:
             first = following = _GARBAGE_JSON
+        elif model != self.model:
+            shift = _adapter_shift(model)
         n_words = len(following)
 
         def chunk(i: int) -> str:
-            piece = first[0] if i == 0 else following[i % n_words]
+            piece = first[shift % n_words] if i == 0 else following[(shift + i) % n_words]
             return open_ + piece + (last + tail if i == tokens - 1 else close)
 
         response = web.StreamResponse(headers=self.sse_headers)
