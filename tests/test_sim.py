@@ -372,6 +372,47 @@ async def test_client_disconnect_mid_stream_counts_as_abort(start_sim: StartSim)
     assert metric(samples, "vllm:generation_tokens_total") < 50
 
 
+@pytest.mark.asyncio
+async def test_requests_beyond_max_num_seqs_wait_in_a_queue(start_sim: StartSim) -> None:
+    """As vLLM's scheduler: `max_num_seqs` run at once, the rest wait (num_requests_waiting)
+    and their time in the queue is measured."""
+    sim = await start_sim(max_num_seqs=2, ttft_ms=300)
+    replies = [asyncio.create_task(sim.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=1)) for _ in range(5)]  # fmt: skip
+    await asyncio.sleep(0.15)
+    samples = await sim.metrics()
+    assert metric(samples, "vllm:num_requests_running") == 2
+    assert metric(samples, "vllm:num_requests_waiting") == 3
+    assert 0 < metric(samples, "vllm:kv_cache_usage_perc") < 1
+    started = time.perf_counter()
+    await asyncio.gather(*replies)
+    assert time.perf_counter() - started >= 0.5  # three more rounds of 300 ms behind two slots
+    samples = await sim.metrics()
+    assert metric(samples, "vllm:num_requests_waiting") == 0
+    assert metric(samples, "vllm:kv_cache_usage_perc") == 0
+    queued = metric(samples, "vllm:request_queue_time_seconds_count")
+    assert queued == 5 and metric(samples, "vllm:request_queue_time_seconds_sum") > 0.5
+
+
+@pytest.mark.asyncio
+async def test_a_cached_prompt_prefix_is_counted_and_answers_sooner(start_sim: StartSim) -> None:
+    """vLLM's automatic prefix caching: blocks of 16 tokens, found by a chained hash; a hit
+    skips their prefill, so the first token comes sooner."""
+    sim = await start_sim(ttft_ms=400)
+    prompt = " ".join(f"word{i}" for i in range(64))  # four full blocks
+
+    async def ttft() -> float:
+        started = time.perf_counter()
+        await sim.client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+        return time.perf_counter() - started
+
+    cold, warm = await ttft(), await ttft()
+    samples = await sim.metrics()
+    assert metric(samples, "vllm:prefix_cache_queries_total") == 128
+    assert metric(samples, "vllm:prefix_cache_hits_total") == 48  # the last block is recomputed
+    assert cold >= 0.39 and warm < 0.2
+
+
 # -- sleep mode -------------------------------------------------------------------------------
 
 
