@@ -51,12 +51,15 @@ SLOW_S = 1.0
 WINDOW_FIGURES = ("window_seconds", "requests", "errors", "in_flight")  # of the failing verdict
 
 
-def model_config() -> list[dict]:
+def model_config(idle_timeout: float | None = None) -> list[dict]:
     versions = [
         {"name": "v1", "weight": 100, "backend": SIM},
         {"name": "v2", "weight": 0, "backend": SIM},
     ]
-    return [{"name": MODEL, "versions": versions}]
+    model = {"name": MODEL, "versions": versions}
+    if idle_timeout is not None:
+        model["retries"] = {"idle_timeout_seconds": idle_timeout}
+    return [model]
 
 
 def api(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -124,7 +127,9 @@ def wait_for(check, timeout: float, what: str):
     raise SystemExit(f"timed out after {timeout}s waiting for {what}")
 
 
-def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -> dict:
+def one_run(
+    stack, load: Load, candidate: str, fault: str, rng: random.Random, stuck_s: float
+) -> dict:
     spec = {
         "model": MODEL, "to": "v2", "strategy": "canary",
         "steps": [{"set_weight": 50}, {"pause": {"seconds": 600}}], "analysis": ANALYSIS,
@@ -194,7 +199,7 @@ def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -
         "total_rps": len(before),
         "errors_before": sum(1 for r in errors if r[1] <= server),
         "errors_after": sum(1 for r in errors if r[1] > server),
-        "slow": sum(1 for r in load.results if r[0] >= injected and r[1] - r[0] > SLOW_S),
+        "slow": sum(1 for r in load.results if r[0] >= injected and r[1] - r[0] > stuck_s),
         "weights": entry["weights"],
         "message": done["message"],
         "window": {key: figures.get(key) for key in WINDOW_FIGURES},
@@ -204,7 +209,7 @@ def one_run(stack, load: Load, candidate: str, fault: str, rng: random.Random) -
     }
 
 
-def summary(rows: list[dict], fault: str) -> None:
+def summary(rows: list[dict], fault: str, stuck_s: float) -> None:
     polled = sorted(row["polled_s"] for row in rows)
     server = sorted(row["server_s"] for row in rows)
     print(f"\nfault {json.dumps(FAULTS[fault])}: {len(rows)} rollbacks, candidate at "
@@ -234,7 +239,7 @@ def summary(rows: list[dict], fault: str) -> None:
               f"after the rollback entry: total {sum(after)} over {len(rows)} runs")  # fmt: skip
     else:
         slow = sorted(row["slow"] for row in rows)
-        print(f"requests stuck > {SLOW_S:g} s per rollback (held until the fault was cleared): "
+        print(f"requests stuck > {stuck_s:g} s per rollback (held until the fault was cleared): "
               f"p50 {percentile(slow, 50)}, max {slow[-1]}")  # fmt: skip
     reasons = {row["message"].split(" ", 3)[2] for row in rows}
     weights = {json.dumps(row["weights"], sort_keys=True) for row in rows}
@@ -278,12 +283,18 @@ def main() -> None:
         "--stats-flush", type=float, default=1.0,
         help="health.stats_flush_seconds: how often Envoy reports (0.25-1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None,
+        help="the model's retries.idle_timeout_seconds (default: Switchyard's, 300 s); a "
+        "request is counted stuck when it took longer than this + 1 s",
+    )  # fmt: skip
     args = parser.parse_args()
     base = {"health": {"stats_flush_seconds": args.stats_flush}}
+    stuck_s = args.idle_timeout + 1.0 if args.idle_timeout is not None else SLOW_S
 
     with (
         tempfile.TemporaryDirectory(prefix="bench-auto-rollback-") as tmp,
-        switchyard_up(Path(tmp), model_config(), base=base) as stack,
+        switchyard_up(Path(tmp), model_config(args.idle_timeout), base=base) as stack,
     ):
         model = api("GET", f"{stack.admin}/v1/models/{MODEL}")[1]
         candidate = next(v for v in model["versions"] if v["name"] == "v2")["endpoints"][0]
@@ -294,7 +305,7 @@ def main() -> None:
             for fault, runs in (("error", args.runs), ("hang", args.hang_runs)):
                 results[fault] = []
                 for index in range(runs):
-                    row = one_run(stack, load, candidate, fault, rng)
+                    row = one_run(stack, load, candidate, fault, rng, stuck_s)
                     results[fault].append(row)
                     if args.verbose:
                         print(
@@ -306,11 +317,12 @@ def main() -> None:
                         )
     print(
         f"automatic rollback, 1 Envoy flushing stats every {args.stats_flush:g} s, canary at "
-        f"50 %, ~{args.rate:g} req/s open-loop load, analysis {json.dumps(ANALYSIS)}"
+        f"50 %, ~{args.rate:g} req/s open-loop load, analysis {json.dumps(ANALYSIS)}, "
+        f"retries.idle_timeout_seconds {args.idle_timeout or 'default (300)'}"
     )
     for fault, rows in results.items():
         if rows:
-            summary(rows, fault)
+            summary(rows, fault, stuck_s)
     if results["error"] and not args.no_plot:
         plot_run(results["error"], load.results, args.rate)
 
