@@ -48,62 +48,57 @@ def _state() -> State:
     return state
 
 
-def _move(state: State, port: int) -> None:
-    """An endpoint change: the version's backend moved to another port."""
-    state.models["m"].versions["v1"].endpoints = [Endpoint(f"http://127.0.0.1:{port}")]
-
-
-async def test_a_change_superseded_before_the_envoy_answered_counts_as_applied():
-    """Envoy answers the response in flight, then gets the newest snapshot, never the one
-    in between: waiting for that one ends when the Envoy runs the newer (it used to time
-    out, and a rollout step waiting on it paused with an AckTimeout)."""
+@pytest.fixture
+async def running():
+    """A server publishing `_state()`, and a client that runs it (it ACKed the endpoints)."""
     state, builder, server = _state(), SnapshotBuilder(ProxySettings("127.0.0.1", 0)), XdsServer()
-    port = await server.start("127.0.0.1", 0)
-    client = Client(port)
-    try:
-        server.publish(builder.build(state))
-        client.send(ENDPOINT, ["m@v1"])
-        first = await asyncio.to_thread(next, client.responses)
-        client.send(ENDPOINT, ["m@v1"], answer=first)  # ACK: the client runs our config
-
-        _move(state, 9001)
-        server.publish(builder.build(state, ["m"]))  # sent at once, left unanswered
-        in_flight = await asyncio.to_thread(next, client.responses)
-        _move(state, 9002)
-        middle = builder.build(state, ["m"])
-        server.publish(middle)  # coalesced: never sent on its own
-        waiting = asyncio.create_task(server.wait_applied(middle, timeout=5))
-        _move(state, 9003)
-        newest = builder.build(state, ["m"])
-        server.publish(newest)
-
-        client.send(ENDPOINT, ["m@v1"], answer=in_flight)
-        latest = await asyncio.to_thread(next, client.responses)
-        assert latest.version_info == newest.versions[ENDPOINT]
-        assert not waiting.done()  # the client runs 9001: not yet
-        client.send(ENDPOINT, ["m@v1"], answer=latest)
-        assert await asyncio.wait_for(waiting, 5) == 1
-    finally:
-        client.close()
-        await server.stop()
-
-
-async def test_an_envoy_that_stops_answering_still_times_out():
-    """The counterpart: a change no later ACK carries is not applied."""
-    state, builder, server = _state(), SnapshotBuilder(ProxySettings("127.0.0.1", 0)), XdsServer()
-    port = await server.start("127.0.0.1", 0)
-    client = Client(port)
+    client = Client(await server.start("127.0.0.1", 0))
     try:
         server.publish(builder.build(state))
         client.send(ENDPOINT, ["m@v1"])
         first = await asyncio.to_thread(next, client.responses)
         client.send(ENDPOINT, ["m@v1"], answer=first)
-        _move(state, 9001)
-        change = builder.build(state, ["m"])
-        server.publish(change)
-        await asyncio.to_thread(next, client.responses)  # received, never answered
-        with pytest.raises(AckTimeout, match="hand"):
-            await server.wait_applied(change, timeout=0.5)
+        yield state, builder, server, client
     finally:
         client.close()
         await server.stop()
+
+
+def _move(state: State, port: int) -> None:
+    """An endpoint change: the version's backend moved to another port."""
+    state.models["m"].versions["v1"].endpoints = [Endpoint(f"http://127.0.0.1:{port}")]
+
+
+async def test_a_change_superseded_before_the_envoy_answered_counts_as_applied(running):
+    """Envoy answers the response in flight, then gets the newest snapshot, never the one
+    in between: waiting for that one ends when the Envoy runs the newer (it used to time
+    out, and a rollout step waiting on it paused with an AckTimeout)."""
+    state, builder, server, client = running
+    _move(state, 9001)
+    server.publish(builder.build(state, ["m"]))  # sent at once, left unanswered
+    in_flight = await asyncio.to_thread(next, client.responses)
+    _move(state, 9002)
+    middle = builder.build(state, ["m"])
+    server.publish(middle)  # coalesced: never sent on its own
+    waiting = asyncio.create_task(server.wait_applied(middle, timeout=5))
+    _move(state, 9003)
+    newest = builder.build(state, ["m"])
+    server.publish(newest)
+
+    client.send(ENDPOINT, ["m@v1"], answer=in_flight)
+    latest = await asyncio.to_thread(next, client.responses)
+    assert latest.version_info == newest.versions[ENDPOINT]
+    assert not waiting.done()  # the client runs 9001: not yet
+    client.send(ENDPOINT, ["m@v1"], answer=latest)
+    assert await asyncio.wait_for(waiting, 5) == 1
+
+
+async def test_an_envoy_that_stops_answering_still_times_out(running):
+    """The counterpart: a change no later ACK carries is not applied."""
+    state, builder, server, client = running
+    _move(state, 9001)
+    change = builder.build(state, ["m"])
+    server.publish(change)
+    await asyncio.to_thread(next, client.responses)  # received, never answered
+    with pytest.raises(AckTimeout, match="hand"):
+        await server.wait_applied(change, timeout=0.5)
