@@ -617,8 +617,9 @@ class Sim:
         if request.query.get("mode") == "wait":
             while self.metrics.running and not self._closing:
                 await asyncio.sleep(POLL_S / 10)
-        if self._sleep_s > 0:
-            await asyncio.sleep(self._sleep_s)
+        deadline = asyncio.get_running_loop().time() + self._sleep_s
+        while asyncio.get_running_loop().time() < deadline and not self._closing:
+            await asyncio.sleep(POLL_S)  # a slow sleep (fault), cut short by a shutdown
         logs.event(log, "sim sleeping", model=self.model, level=level)
         return self._json({"status": "sleeping", "level": int(level)})
 

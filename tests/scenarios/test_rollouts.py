@@ -58,7 +58,7 @@ def test_a_healthy_canary_succeeds_on_passing_verdicts_and_parks_the_old_stable(
                message="the old stable parked")  # fmt: skip
 
 
-def _rolled_back_after(stack, spec: dict, fault) -> tuple[dict, float, Load]:
+def _rolled_back_after(stack, spec: dict, fault, recover=lambda: None) -> tuple[dict, float, Load]:
     """Run a canary at 50 % under load, inject `fault` once it passes, and return the rolled
     back rollout and how long after the fault its rollback was recorded. The generations are
     long enough (~0.3 s) for five of them to outlast a stats flush, as real ones do."""
@@ -70,6 +70,7 @@ def _rolled_back_after(stack, spec: dict, fault) -> tuple[dict, float, Load]:
         fault_at = time.time()
         fault()
         until_phase(stack, canary, "rolled_back", 30)
+        recover()  # the requests the fault held finish: the load stops at once
         time.sleep(0.5)
     done = current(stack, canary)  # the history entry follows the Envoys' ACK
     seconds = rolled_back_at(done) - fault_at
@@ -89,7 +90,8 @@ def test_a_hung_candidate_is_rolled_back_within_two_seconds(tiny, client):
     pid = backends.pid_of(tiny.state_dir, MODEL, "v2")
     try:
         done, seconds, load = _rolled_back_after(tiny, CANARY,
-                                                 lambda: os.kill(pid, signal.SIGSTOP))
+                                                 lambda: os.kill(pid, signal.SIGSTOP),
+                                                 lambda: os.kill(pid, signal.SIGCONT))
     finally:
         os.kill(pid, signal.SIGCONT)
     assert "stalled" in done["message"], done["message"]
