@@ -47,7 +47,9 @@ def test_an_engine_found_asleep_is_woken_and_the_requests_it_held_are_served(tin
     endpoint = version_of(tiny, "v1")["endpoints"][0]
     with Load(tiny.proxy, concurrency=3, timeout=20) as load:
         wait_until(lambda: len(load.results) > 10, 20, message="traffic flowing")
-        request = urllib.request.Request(f"{endpoint}/sleep?level=1", method="POST")
+        # mode=wait: requests already running finish (vLLM's default would abort them,
+        # which is the caller's doing, not Switchyard's); those arriving now are held
+        request = urllib.request.Request(f"{endpoint}/sleep?level=1&mode=wait", method="POST")
         urllib.request.urlopen(request, timeout=30).close()
         wait_until(lambda: not is_sleeping(endpoint), 15, message="woken by switchyard")
         served = len(load.results)
