@@ -68,10 +68,10 @@ class Stack:
         """The pid of the Envoy `switchyard up` started."""
         return int((Path(self.config["state_dir"]) / "pids" / "envoy.pid").read_text())
 
-    def wait_routed(self, model: str) -> None:
+    def wait_routed(self, model: str, timeout: float = 20) -> None:
         """Until the proxy routes `model`; on a timeout, show what the Envoys reported."""
         try:
-            wait_routed(self.proxy, model)
+            wait_routed(self.proxy, model, timeout)
         except SystemExit as exc:
             envoys = urllib.request.urlopen(f"{self.admin}/v1/envoys", timeout=5).read()
             raise SystemExit(f"{exc}; GET /v1/envoys: {envoys.decode()}") from None
@@ -84,11 +84,13 @@ def switchyard_up(
     command: str = "up",
     timeout: float = 60,
     base: dict | None = None,
+    routed: str | None = None,
 ) -> Iterator[Stack]:
     """`switchyard up` (or `serve`) on free ports with `models`; stopped with its children.
 
     `base`: other keys of switchyard.yaml (e.g. the repository's own file); its `listen`,
-    `state_dir` and `models` are replaced.
+    `state_dir` and `models` are replaced. With `up`, it waits until the proxy routes
+    `routed` (default: the first model).
     """
     listen = {key: f"127.0.0.1:{free_port()}" for key in ("proxy", "admin", "xds", "envoy_admin")}
     config = {**(base or {}), "listen": listen, "state_dir": str(directory / "state")}
@@ -111,7 +113,8 @@ def switchyard_up(
             time.sleep(0.05)
         stack = Stack(process, config, config_path, log_path)
         if command == "up":
-            stack.wait_routed(models[0]["name"])
+            model = routed or models[0]["name"]
+            stack.wait_routed(model, max(20.0, deadline - time.monotonic()))
         yield stack
     finally:
         stop(process)
@@ -203,6 +206,17 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MB, from /proc/<pid>/status (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
