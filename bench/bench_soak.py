@@ -38,6 +38,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import tempfile
@@ -133,6 +134,7 @@ class Soak:
     samples: list[tuple[float, float, int, int, int]] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)  # rollout phases, rollbacks
     problems: list[str] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)  # what the soak did, when
     kill_at: float | None = None  # when this cycle's backend dies
 
     def sample(self) -> None:
@@ -159,6 +161,7 @@ class Soak:
         spec = {"model": MODEL, "to": target, "strategy": "canary", "steps": STEPS,
                 "analysis": ANALYSIS}  # fmt: skip
         status, doc = api("POST", f"{self.admin}/v1/rollouts", spec)
+        self.events.append((time.time(), f"rollout to {target}: {status}"))
         if status != 201:
             self.problems.append(f"{time.strftime('%H:%M:%S')} POST /v1/rollouts: {status} {doc}")
             self.count("refused")
@@ -167,6 +170,7 @@ class Soak:
             self.wait(0.25)
             doc = api("GET", f"{self.admin}/v1/rollouts/{doc['id']}")[1]
         self.count(doc["phase"])
+        self.events.append((time.time(), f"rollout {doc['phase']}: {doc['message']}"))
         if doc["phase"] not in ("succeeded", "rolled_back"):
             self.problems.append(
                 f"{time.strftime('%H:%M:%S')} rollout {doc['id']} still {doc['phase']} "
@@ -175,6 +179,7 @@ class Soak:
 
     def rollback(self) -> None:
         status, body = api("POST", f"{self.admin}/v1/rollback", {"model": MODEL})
+        self.events.append((time.time(), f"rollback: {status}"))
         self.count("rollback" if status == 200 else f"rollback_{status}")
         if status != 200:
             self.problems.append(f"{time.strftime('%H:%M:%S')} POST /v1/rollback: {status} {body}")
@@ -191,6 +196,7 @@ class Soak:
         except (OSError, ValueError):
             return
         self.kills.append(Kill(time.time(), version))
+        self.events.append((time.time(), f"killed {version}"))
 
     def wait(self, seconds: float) -> None:
         """Sleep `seconds`, sampling, killing at `kill_at` and noting when killed versions
@@ -259,12 +265,32 @@ def report(soak: Soak, results: list[tuple[float, float, int]], args, started: f
           f"(per kill: max {max(per_kill, default=0)}, "
           f"{sum(1 for n in per_kill if n == 0)} kills cost none)")  # fmt: skip
     print(f"  failed outside the documented cases: {len(other)}")
-    for sent, answered, status in other[:20]:
-        print(f"    sent {time.strftime('%H:%M:%S', time.localtime(sent))}"
-              f".{int(sent % 1 * 1000):03d}, {answered - sent:.3f} s, status {status}")
+    for bunch in _bunches(sorted(other)):
+        first, last = bunch[0][0], max(r[1] for r in bunch)
+        statuses = sorted({r[2] for r in bunch})
+        print(f"    {len(bunch)} sent {_clock(first)}-{_clock(bunch[-1][0])}, answered by "
+              f"{_clock(last)}, status {statuses}; what the soak did around then:")
+        for at, what in soak.events:
+            if first - 15 <= at <= last + 5:
+                print(f"      {_clock(at)} {what}")
     print(f"\ncycles: {soak.outcomes}")
     for problem in soak.problems[:20]:
         print(f"  {problem}")
+
+
+def _bunches(failed: list[tuple[float, float, int]]) -> list[list[tuple[float, float, int]]]:
+    """Failures grouped by time: a gap of more than 5 s starts a new group."""
+    groups: list[list[tuple[float, float, int]]] = []
+    for result in failed:
+        if groups and result[0] - groups[-1][-1][0] <= 5:
+            groups[-1].append(result)
+        else:
+            groups.append([result])
+    return groups
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
 
 
 def main() -> None:
@@ -296,7 +322,12 @@ def main() -> None:
                 soak.rollback()
                 soak.wait(cycle_start + args.cycle - time.time())
             soak.wait(2.0)  # the last answers and a last sample
+        kept = Path(tempfile.gettempdir()) / f"bench-soak-{time.strftime('%Y%m%d-%H%M%S')}"
+        kept.mkdir()
+        for log in [stack.log_path, *Path(stack.config["state_dir"]).glob("**/*.log")]:
+            shutil.copy(log, kept / log.name)
     report(soak, load.results, args, started)
+    print(f"\nthe stack's logs: {kept}")
 
 
 if __name__ == "__main__":
