@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -257,14 +259,16 @@ class LocalRuntime:
     async def _run(self, record: LocalBackend, process) -> int:
         """Until the process exits (its code); meanwhile an engine that can sleep is checked
         awake every second while we route to it."""
-        if not self._sleeps(record):
-            return await process.wait()
-        watch = asyncio.create_task(self._keep_awake(record), name=f"awake-{record.name}")
+        watch = None
+        if self._sleeps(record):
+            watch = asyncio.create_task(self._keep_awake(record), name=f"awake-{record.name}")
         try:
             return await process.wait()
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+            _kill_group(process.pid)
 
     async def _keep_awake(self, record: LocalBackend) -> None:
         """An engine found asleep while it should serve (a /sleep that completed after we gave
@@ -431,6 +435,7 @@ class LocalRuntime:
         process, record.process = record.process, None
         if process is not None:
             await processes.stop(record.name, process, self.controller.state_dir)
+            _kill_group(process.pid)
 
     def _argv(self, record: LocalBackend, port: int) -> list[str]:
         backend = record.backend
@@ -468,6 +473,13 @@ class LocalRuntime:
         return model is not None and (
             model.park in ("sleep1", "sleep2") or model.idle_timeout_s is not None
         )
+
+
+def _kill_group(pid: int) -> None:
+    """What a dead backend left in its process group (vLLM's multiprocessing resource
+    tracker ignores SIGTERM and outlives a killed server): gone with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 async def poll_until(
