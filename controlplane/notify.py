@@ -109,7 +109,10 @@ class Notifier:
     async def _deliver(
         self, session: aiohttp.ClientSession, webhook: Webhook, event: Event
     ) -> None:
-        payload = {"id": event.id, "type": event.type, "time": event.time, **event.data}
+        # `event_id` is always the event's own (for deduplication); `id` is the event's when
+        # its data has none, and the rollout's for rollout events, as in GET /v1/events.
+        payload = {"id": event.id, "type": event.type, "time": event.time, **event.data,
+                   "event_id": event.id}  # fmt: skip
         backoff = self.first_backoff_s
         for attempt in range(1, ATTEMPTS + 1):
             try:

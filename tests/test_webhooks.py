@@ -75,6 +75,8 @@ def test_rollout_events_are_posted_and_retried(tmp_path, receiver):
     assert all(t.startswith("rollout.") for t in types)  # weights.changed was filtered out
     succeeded = next(e for e in receiver.received if e["type"] == "rollout.succeeded")
     assert succeeded["id"] == rollout["id"] and succeeded["weights"] == {"v1": 0, "v2": 100}
+    # The event's own id travels beside the rollout's, for deduplication.
+    assert isinstance(succeeded["event_id"], int) and succeeded["event_id"] != rollout["id"]
 
 
 def test_a_bad_webhook_url_is_a_config_error(tmp_path):
@@ -96,7 +98,7 @@ class DeadThenAlive:
 
     async def handle(self, request: web.Request) -> web.Response:
         await self.alive.wait()
-        self.ids.append((await request.json())["id"])
+        self.ids.append((await request.json())["event_id"])
         return web.Response()
 
     async def __aenter__(self) -> DeadThenAlive:
