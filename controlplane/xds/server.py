@@ -38,7 +38,7 @@ log = logs.get("xds")
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # How many past versions per type are kept to send an Envoy only what changed since the one
 # it runs (an Envoy further behind gets everything).
-HISTORY = 64
+HISTORY = 16
 
 
 @dataclass
