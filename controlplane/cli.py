@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--wake-ms", type=float, default=0.0, help="time /wake_up takes")
     sim.add_argument("--startup-ms", type=float, default=0.0, help="time before the port opens")
     sim.add_argument("--version", dest="sim_version", default=None, help="label for x-sim-version")
+    sim.add_argument("--replica", type=int, default=None, help="label for x-sim-replica")
 
     boot = command("bootstrap", cmd_bootstrap, "print the Envoy bootstrap YAML")
     with_config(boot)
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_version = client(model_verbs.add_parser("add-version", help="add a version at 0%%"))
     add_version.set_defaults(func=cmd_models_add_version)
     add_version.add_argument("model")
-    add_version.add_argument("version", metavar="NAME=BACKEND", help="e.g. v3=sim or v3=url:URL")
+    add_version.add_argument("version", metavar="NAME=BACKEND",
+                             help="e.g. v3=sim, v3=url:URL or v3=url:URL1,URL2")  # fmt: skip
+    add_version.add_argument("--replicas", type=int, default=None,
+                             help="backend processes to run (sim, vllm)")  # fmt: skip
     add_version.add_argument("--no-wait", action="store_true", help="return before it is ready")
     remove = client(model_verbs.add_parser("remove-version", help="remove a version at 0%%"))
     remove.set_defaults(func=cmd_models_remove_version)
@@ -217,6 +221,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             itl_ms=args.itl_ms,
             max_tokens_default=args.max_tokens_default,
             version=args.sim_version,
+            replica=args.replica,
             wake_ms=args.wake_ms,
             startup_ms=args.startup_ms,
         ),
@@ -301,12 +306,22 @@ def cmd_models(args: argparse.Namespace) -> int:
                     version["name"] + stable,
                     f"{version['weight']}%",
                     version["state"],
-                    "yes" if version["ready"] else "no",
+                    _readiness(version),
                     ",".join(version["endpoints"]) or "-",
                 )
             )
     _print_table(rows)
     return 0
+
+
+def _readiness(version: dict) -> str:
+    """`yes`/`no`, with how many of several replicas serve: `yes 2/3`."""
+    ready = "yes" if version["ready"] else "no"
+    replicas = version.get("replicas", 1)
+    if replicas > 1:
+        serving = len(version["endpoints"]) if version["state"] == "active" else 0
+        ready += f" {serving}/{replicas}"
+    return ready
 
 
 def cmd_models_add(args: argparse.Namespace) -> int:
@@ -333,8 +348,10 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
 def cmd_models_add_version(args: argparse.Namespace) -> int:
     name, backend = parse_version(args.version)
-    version = api(args, "POST", f"/v1/models/{_seg(args.model)}/versions",
-                  {"name": name, "backend": backend})  # fmt: skip
+    body = {"name": name, "backend": backend}
+    if args.replicas is not None:
+        body["replicas"] = args.replicas
+    version = api(args, "POST", f"/v1/models/{_seg(args.model)}/versions", body)
     if args.json and args.no_wait:
         _print_json(version)
         return 0
@@ -357,7 +374,10 @@ def parse_version(text: str) -> tuple[str, dict]:
     if kind == "url" or kind == "vllm":
         if not rest:
             raise CliError(f"{kind} needs a value, e.g. {name}={kind}:...", code=2)
-        return name, {"url": rest} if kind == "url" else {"vllm": {"model": rest}}
+        if kind == "vllm":
+            return name, {"vllm": {"model": rest}}
+        urls = rest.split(",")
+        return name, {"url": urls[0] if len(urls) == 1 else urls}
     options = {}
     for pair in filter(None, rest.split(",")):
         key, _, value = pair.partition("=")

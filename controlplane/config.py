@@ -106,10 +106,10 @@ class VllmBackend(Strict):
 
 
 class Backend(Strict):
-    """Exactly one of `sim`, `url`, `vllm`."""
+    """Exactly one of `sim`, `url`, `vllm`. `url` may be a list: one endpoint per server."""
 
     sim: SimBackend | None = None
-    url: StrictStr | None = None
+    url: StrictStr | list[StrictStr] | None = None
     vllm: VllmBackend | None = None
 
     @model_validator(mode="before")
@@ -130,24 +130,47 @@ class Backend(Strict):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        match = re.fullmatch(r"https?://([^/]+?)/?", value)
-        if not match:
-            raise ValueError(f"expected http://host:port, got {value!r}")
-        split_hostport(match.group(1))
-        return value.rstrip("/")
+    def _url(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value if value is None else _base_url(value)
+        if not value:
+            raise ValueError("give at least one URL")
+        urls = [_base_url(url) for url in value]
+        duplicate = next((url for url in urls if urls.count(url) > 1), None)
+        if duplicate:
+            raise ValueError(f"{duplicate!r} is listed twice")
+        return urls
 
     @property
     def kind(self) -> str:
         return next(kind for kind in BACKEND_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def urls(self) -> list[str]:
+        """A `url` backend's servers, one endpoint each (empty for the other kinds)."""
+        if self.url is None:
+            return []
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+
+def _base_url(value: str) -> str:
+    match = re.fullmatch(r"https?://([^/]+?)/?", value)
+    if not match:
+        raise ValueError(f"expected http://host:port, got {value!r}")
+    split_hostport(match.group(1))
+    return value.rstrip("/")
+
+
+MAX_REPLICAS = 64
 
 
 class VersionConfig(Strict):
     name: StrictStr
     weight: StrictInt = Field(ge=0, le=100)
     backend: Backend
+    # Backend servers of this version: the local runtime starts that many `sim` or `vllm`
+    # processes (Kubernetes: the Deployment's replicas); a `url` backend has one per URL.
+    replicas: StrictInt = Field(1, ge=1, le=MAX_REPLICAS)
 
     @field_validator("name")
     @classmethod
@@ -155,6 +178,21 @@ class VersionConfig(Strict):
         if not VERSION_NAME.match(value):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 63)")
         return value
+
+    @model_validator(mode="after")
+    def _url_replicas(self) -> VersionConfig:
+        urls = self.backend.urls
+        if urls and "replicas" in self.model_fields_set and self.replicas != len(urls):
+            raise ValueError(
+                f"replicas: a url backend has one replica per URL ({len(urls)} given); "
+                "list the URLs instead"
+            )
+        return self
+
+    @property
+    def replica_count(self) -> int:
+        """How many endpoints the version has when all run (a url backend: its URLs)."""
+        return len(self.backend.urls) or self.replicas
 
 
 class RetryPolicy(Strict):

@@ -254,7 +254,7 @@ class Controller:
                     field="weight",
                 )
             self._check_runnable(model_name, config.name, config.backend, "backend")
-            version = Version(config.name, 0, config.backend, added=True)
+            version = Version.from_config(config, added=True)
             was_removed = version.name in model.removed
             model.versions[version.name] = version
             model.removed.discard(version.name)

@@ -11,7 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.config import AlertThresholds, Backend, Config, ModelConfig, RetryPolicy
+from controlplane.config import (
+    AlertThresholds,
+    Backend,
+    Config,
+    ModelConfig,
+    RetryPolicy,
+    VersionConfig,
+)
 from controlplane.errors import Invalid, NotFound
 
 VERSION_STATES = ("starting", "active", "sleeping", "waking", "error", "stopped")
@@ -40,6 +47,7 @@ class Version:
     added: bool = False  # added at run time (API or runtime), not in switchyard.yaml
     activator: str | None = None  # scaled to zero: Envoy sends its requests here meanwhile
     crashes: int = 0  # backend processes that died unasked (a rollout's candidate must not)
+    replicas: int = 1  # backend servers when all run (a url backend: one per URL)
 
     @property
     def ready(self) -> bool:
@@ -53,8 +61,14 @@ class Version:
             "state": self.state,
             # The backends' URLs: not the activator a scaled-to-zero version is routed to.
             "endpoints": [ep.url for ep in self.endpoints if ep.url != self.activator],
+            "replicas": self.replicas,
             "backend": self.backend.model_dump(exclude_none=True),
         }
+
+    @classmethod
+    def from_config(cls, config: VersionConfig, added: bool = False) -> Version:
+        return cls(config.name, config.weight, config.backend, added=added,
+                   replicas=config.replica_count)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,10 +129,7 @@ class Model:
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> Model:
-        versions = {
-            version.name: Version(version.name, version.weight, version.backend)
-            for version in config.versions
-        }
+        versions = {version.name: Version.from_config(version) for version in config.versions}
         stable = max(config.versions, key=lambda version: version.weight).name
         return cls(
             config.name, versions, stable, park=config.park,

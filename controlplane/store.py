@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import logs
-from controlplane.config import Backend, ModelConfig
+from controlplane.config import Backend, ModelConfig, VersionConfig
 from controlplane.errors import Invalid, Unavailable
 from controlplane.state import Model, State, TrafficPolicy, Version
 
@@ -76,6 +76,11 @@ class Store:
                         v.name: _dump(v.backend)
                         for v in model.versions.values()
                         if v.added
+                    },
+                    "replicas": {
+                        v.name: v.replicas
+                        for v in model.versions.values()
+                        if v.added and v.replicas != 1 and not v.backend.urls
                     },
                     "removed": sorted(model.removed),
                 }
@@ -221,9 +226,13 @@ def _replay_versions(model: Model, doc: dict[str, Any]) -> None:
         if name in model.versions and len(model.versions) > 1:
             del model.versions[name]
             model.removed.add(name)
+    replicas = doc.get("replicas", {})
     for name, backend in doc.get("added", {}).items():
         if name not in model.versions:
-            model.versions[name] = Version(name, 0, Backend.model_validate(backend), added=True)
+            count = {"replicas": replicas[name]} if name in replicas else {}
+            config = VersionConfig(name=name, weight=0, backend=Backend.model_validate(backend),
+                                   **count)  # fmt: skip
+            model.versions[name] = Version.from_config(config, added=True)
     if model.stable not in model.versions:
         model.stable = max(model.versions.values(), key=lambda v: v.weight).name
 

@@ -94,6 +94,25 @@ def test_defaults_and_backend_kinds():
         ({"runtime": "docker"}, "runtime: Input should be 'local' or 'kubernetes'"),
         ({"models": [{"name": "x", "versions": []}]}, "models[x].versions"),
         ({"health": {"stats_flush_seconds": 5}}, "health.stats_flush_seconds"),
+        (
+            {"models": [{"name": "m", "versions": [
+                {"name": "v1", "weight": 100, "replicas": 0, "backend": {"sim": {}}}]}]},
+            "models[m].versions[v1].replicas: Input should be greater than or equal to 1",
+        ),
+        (
+            {"models": [{"name": "m", "versions": [
+                {"name": "v1", "weight": 100, "replicas": 2,
+                 "backend": {"url": ["http://a:1", "http://b:1", "http://c:1"]}}]}]},
+            "models[m].versions[v1]: replicas: a url backend has one replica per URL (3 given)",
+        ),
+        (
+            {"models": [_model(("v1", 100), backend={"url": ["http://a:1", "http://a:1/"]})]},
+            "models[llama].versions[v1].backend.url: 'http://a:1' is listed twice",
+        ),
+        (
+            {"models": [_model(("v1", 100), backend={"url": []})]},
+            "models[llama].versions[v1].backend.url: give at least one URL",
+        ),
     ],
 )
 def test_invalid_documents_name_the_key(document, expected):
@@ -102,6 +121,17 @@ def test_invalid_documents_name_the_key(document, expected):
     message = caught.value.message
     assert expected in message
     assert "\n" not in message
+
+
+def test_replicas_default_to_one_and_a_url_list_is_one_replica_per_url():
+    config = parse_config({"models": [{"name": "m", "versions": [
+        {"name": "v1", "weight": 100, "replicas": 3, "backend": {"sim": {}}},
+        {"name": "v2", "weight": 0, "backend": {"url": ["http://a:1/", "http://b:2"]}},
+        {"name": "v3", "weight": 0, "backend": {"vllm": {"model": "/m"}}},
+    ]}]})  # fmt: skip
+    v1, v2, v3 = config.models[0].versions
+    assert [v.replica_count for v in (v1, v2, v3)] == [3, 2, 1]
+    assert v2.backend.urls == ["http://a:1", "http://b:2"]
 
 
 def test_yaml_booleans_are_caught(tmp_path):

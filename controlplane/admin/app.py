@@ -202,11 +202,11 @@ async def add_model(request: web.Request) -> web.Response:
 
 
 async def add_version(request: web.Request) -> web.Response:
-    """`{"name": "v3", "backend": {...}}`: the version starts at weight 0; 201."""
+    """`{"name": "v3", "backend": {...}, "replicas": 1}`: the version starts at weight 0; 201."""
     controller = request.app[CONTROLLER]
     model_name = request.match_info["model"]
     controller.state.model(model_name)  # 404 first
-    body = await json_body(request, allowed={"name", "backend", "weight"})
+    body = await json_body(request, allowed={"name", "backend", "weight", "replicas"})
     config = validate_body(VersionConfig, {"weight": 0, **body})
     version = await controller.add_version(model_name, config)
     return web.json_response(version.to_json(), status=201)

@@ -74,6 +74,12 @@ VERSION: Schema = {
             "description": "base URLs of the version's backends",
             "items": {"type": "string"},
         },
+        "replicas": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "backend servers the version runs when all are up (endpoints lists "
+            "the ready ones)",
+        },
         "backend": {"type": "object", "description": "the backend as configured"},
     },
 }

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import socket
 import time
 
@@ -164,7 +165,7 @@ class Activator:
         if not version.ready or not targets:
             return _openai_error(503, f"{model_name}@{version_name} is not ready",
                                  headers={"Retry-After": "1"})  # fmt: skip
-        return await self._proxy(request, targets[0], body)
+        return await self._proxy(request, random.choice(targets), body)
 
     async def _wake(self, model: str, version: str) -> float:
         seconds = await self.controller.wake(model, version)

@@ -218,6 +218,9 @@ class KubernetesRuntime:
             self._kick(resource)
             return
         spec = vllm_args.spec_of(model, version, backend)
+        known = self.controller.state.models.get(model)
+        if known is not None and version in known.versions:
+            spec["replicas"] = known.versions[version].replicas
         body = {
             "apiVersion": f"{GROUP}/{API_VERSION}",
             "kind": KIND,

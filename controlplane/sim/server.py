@@ -65,6 +65,7 @@ class SimConfig:
     itl_ms: float = 0.0  # inter-token latency
     max_tokens_default: int = 16  # tokens generated when the request gives no max_tokens
     version: str | None = None  # when set, responses carry `x-sim-version: <version>`
+    replica: int | None = None  # when set, responses carry `x-sim-replica: <replica>`
     wake_ms: float = 0.0  # how long `/wake_up` takes
     startup_ms: float = 0.0  # like vLLM loading weights: the port opens only after this
     max_model_len: int = 8192  # context window, reported by /v1/models and enforced like vLLM
@@ -162,6 +163,8 @@ class Sim:
         self.model = config.model
         self.metrics = SimMetrics(config.model, config.kv_cache_tokens)
         self.headers = {"x-sim-version": config.version} if config.version else {}
+        if config.replica is not None:
+            self.headers["x-sim-replica"] = str(config.replica)
         self.sse_headers = {
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",

@@ -358,11 +358,18 @@ function renderCard(model) {
       v.name === model.stable ? h('span', { class: 'tag', text: 'stable' }) : null),
     h('td', { class: 'num', text: `${v.weight}%` }),
     h('td', {}, h('span', { class: 'state', 'data-state': v.state, text: v.state })),
-    h('td', { text: v.ready ? 'ready' : 'not ready', class: v.ready ? 'ok' : 'bad' }),
+    h('td', { text: readiness(v), class: v.ready ? 'ok' : 'bad' }),
     h('td', { class: 'endpoints' }, ...v.endpoints.flatMap((url, i) => [i ? ' ' : '',
       h('code', { text: url })])))));
 
   renderRollout(card, model, activeRollout(model.name));
+}
+
+// 'ready', or with several replicas how many serve: 'ready 2/3'.
+function readiness(v) {
+  const text = v.ready ? 'ready' : 'not ready';
+  const serving = v.state === 'active' ? v.endpoints.length : 0;
+  return (v.replicas || 1) > 1 ? `${text} ${serving}/${v.replicas}` : text;
 }
 
 function swatch(color) {
