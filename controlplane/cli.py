@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--startup-ms", type=float, default=0.0, help="time before the port opens")
     sim.add_argument("--version", dest="sim_version", default=None, help="label for x-sim-version")
     sim.add_argument("--replica", type=int, default=None, help="label for x-sim-replica")
+    sim.add_argument("--prefill-ms-per-token", type=float, default=0.1,
+                     help="prefill time per uncached prompt token (prefills take turns)")
+    sim.add_argument("--max-num-seqs", type=int, default=256,
+                     help="requests running at once; more wait in a queue")
+    sim.add_argument("--kv-cache-tokens", type=int, default=262144,
+                     help="KV-cache size, which the prefix cache shares")
+    sim.add_argument("--block-size", type=int, default=16,
+                     help="tokens per prefix-cache block (a token is 4 characters)")
 
     boot = command("bootstrap", cmd_bootstrap, "print the Envoy bootstrap YAML")
     with_config(boot)
@@ -222,6 +230,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
             max_tokens_default=args.max_tokens_default,
             version=args.sim_version,
             replica=args.replica,
+            prefill_ms_per_token=args.prefill_ms_per_token,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_tokens=args.kv_cache_tokens,
+            block_size=args.block_size,
             wake_ms=args.wake_ms,
             startup_ms=args.startup_ms,
         ),

@@ -76,6 +76,13 @@ class SimBackend(Strict):
     max_tokens_default: int = Field(16, ge=1)
     wake_ms: float = Field(0.0, ge=0)
     startup_ms: float = Field(0.0, ge=0)  # like vLLM loading weights before it listens
+    # The engine (controlplane/sim): time to first token is ttft_ms plus this per uncached
+    # prompt token, prefills taking turns; a prefix cache of blocks of `block_size` tokens
+    # sharing `kv_cache_tokens` with the running requests; `max_num_seqs` run at once.
+    prefill_ms_per_token: float = Field(0.1, ge=0)
+    max_num_seqs: StrictInt = Field(256, ge=1)
+    kv_cache_tokens: StrictInt = Field(262144, ge=16)
+    block_size: StrictInt = Field(16, ge=1, le=1024)
 
 
 DEFAULT_VLLM_COMMAND = ("vllm", "serve", "{model}")

@@ -113,6 +113,10 @@ def test_defaults_and_backend_kinds():
             {"models": [_model(("v1", 100), backend={"url": []})]},
             "models[llama].versions[v1].backend.url: give at least one URL",
         ),
+        (
+            {"models": [_model(("v1", 100), backend={"sim": {"max_num_seqs": 0}})]},
+            "models[llama].versions[v1].backend.sim.max_num_seqs: Input should be greater",
+        ),
     ],
 )
 def test_invalid_documents_name_the_key(document, expected):

@@ -396,10 +396,10 @@ async def test_requests_beyond_max_num_seqs_wait_in_a_queue(start_sim: StartSim)
 
 @pytest.mark.asyncio
 async def test_a_cached_prompt_prefix_is_counted_and_answers_sooner(start_sim: StartSim) -> None:
-    """vLLM's automatic prefix caching: blocks of 16 tokens, found by a chained hash; a hit
-    skips their prefill, so the first token comes sooner."""
-    sim = await start_sim(ttft_ms=400)
-    prompt = " ".join(f"word{i}" for i in range(64))  # four full blocks
+    """vLLM's automatic prefix caching: blocks of 16 tokens (64 characters), found by a
+    chained hash; a hit skips their prefill, so the first token comes sooner."""
+    sim = await start_sim(prefill_ms_per_token=5)
+    prompt = " ".join(f"word{i}" for i in range(64))  # 64 tokens, 437 characters: six blocks
 
     async def ttft() -> float:
         started = time.perf_counter()
@@ -409,8 +409,25 @@ async def test_a_cached_prompt_prefix_is_counted_and_answers_sooner(start_sim: S
     cold, warm = await ttft(), await ttft()
     samples = await sim.metrics()
     assert metric(samples, "vllm:prefix_cache_queries_total") == 128
-    assert metric(samples, "vllm:prefix_cache_hits_total") == 48  # the last block is recomputed
-    assert cold >= 0.39 and warm < 0.2
+    assert metric(samples, "vllm:prefix_cache_hits_total") == 64 * 384 // 437  # six blocks
+    assert cold >= 0.3 and warm < 0.2  # 64 x 5 ms of prefill, then 8 x 5 ms
+
+
+@pytest.mark.asyncio
+async def test_prefills_take_turns_on_one_server(start_sim: StartSim) -> None:
+    """One compute budget per server: two uncached prompts arriving together are prefilled
+    one after the other, so the second waits for the first (what makes cache misses costly
+    under load)."""
+    sim = await start_sim(prefill_ms_per_token=5)
+
+    async def ttft(tag: str) -> float:
+        started = time.perf_counter()
+        prompt = " ".join(f"{tag}{i}" for i in range(64))
+        await sim.client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+        return time.perf_counter() - started
+
+    first, second = sorted(await asyncio.gather(ttft("a"), ttft("b")))
+    assert 0.3 <= first < 0.5 and second >= 0.6
 
 
 # -- sleep mode -------------------------------------------------------------------------------

@@ -556,6 +556,10 @@ class LocalRuntime:
                 "--ttft-ms", str(sim.ttft_ms), "--itl-ms", str(sim.itl_ms),
                 "--max-tokens-default", str(sim.max_tokens_default),
                 "--wake-ms", str(sim.wake_ms), "--startup-ms", str(sim.startup_ms),
+                "--prefill-ms-per-token", str(sim.prefill_ms_per_token),
+                "--max-num-seqs", str(sim.max_num_seqs),
+                "--kv-cache-tokens", str(sim.kv_cache_tokens),
+                "--block-size", str(sim.block_size),
                 "--version", record.version,
             ]  # fmt: skip
             if len(record.members) > 1:

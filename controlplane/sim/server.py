@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane import logs
+from controlplane.prompt import BLOCK_TOKENS, block_chars, block_hashes, prompt_text
 from controlplane.sim.metrics import SimMetrics
 
 log = logs.get("sim")
@@ -50,8 +51,6 @@ _NEXT_TOKEN_JSON = [json.dumps(" " + word) for word in WORDS]
 # What an engine woken from level-2 sleep without reloading its weights says instead.
 GARBAGE = ("\u00bf", "\u00fe", "\u00a4", "\u00a7", "\u00b6", "\u00f0", "\u00ff")
 _GARBAGE_JSON = [json.dumps(word) for word in GARBAGE]
-PREFIX_BLOCK = 16  # tokens per prefix-cache block, vLLM's default block size
-PREFIX_CACHE_BLOCKS = 8192  # blocks one server keeps (least recently used go first)
 
 JSON_TYPE = "application/json"
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like vLLM's pydantic output
@@ -71,7 +70,15 @@ class SimConfig:
     max_model_len: int = 8192  # context window, reported by /v1/models and enforced like vLLM
     seed: int = 0  # seeds the error_rate fault's RNG so runs are repeatable
     max_num_seqs: int = 256  # requests running at once; more wait in a queue, as in vLLM
-    kv_cache_tokens: int = 65536  # KV-cache size: vllm:kv_cache_usage_perc is used / this
+    # KV-cache size in tokens: vllm:kv_cache_usage_perc is what running requests hold of it,
+    # and the prefix cache keeps this many tokens' blocks (least recently used go first).
+    # 262,144 tokens is Llama-3-8B's KV cache in ~32 GB.
+    kv_cache_tokens: int = 262144
+    block_size: int = BLOCK_TOKENS  # tokens per cached block (a token is 4 characters)
+    # Prefill: time to first token = ttft_ms + uncached prompt tokens x this; prefills take
+    # turns (one compute budget per server), so a cache miss also delays what comes after.
+    # 0.1 ms is an 8B model's ~10,000 prefill tokens per second on one GPU.
+    prefill_ms_per_token: float = 0.1
 
 
 class RequestError(Exception):
@@ -182,6 +189,10 @@ class Sim:
         self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path
         self._slots = asyncio.Semaphore(config.max_num_seqs)
         self._prefix: OrderedDict[int, None] = OrderedDict()  # cached prompt blocks (hashes)
+        self._block_chars = block_chars(config.block_size)
+        self._cache_blocks = max(1, config.kv_cache_tokens // config.block_size)
+        self._prefill_s = config.prefill_ms_per_token / 1000.0
+        self._prefill_free_at = 0.0  # when this server's prefill compute is next free
         self._closing = False
         self._faults_changed = asyncio.Event()
         self._apply_faults()
@@ -368,6 +379,7 @@ class Sim:
                     raise RequestError(400, "prompt: field required (a non-empty prompt).")
                 words = _completion_prompt_words(prompt)
             prompt_tokens = max(len(words), 1)
+            text = prompt_text(body)
             tokens, reason = self._max_tokens(body, chat, prompt_tokens)
         except RequestError as exc:
             return self._error(exc.status, exc.message, exc.kind, exc.param)
@@ -386,8 +398,8 @@ class Sim:
         metrics.running += 1
         metrics.kv_tokens += held
         try:
-            cached = self._prefix_cached(words, prompt_tokens)
-            ttft_s = self._ttft_s * (prompt_tokens - cached) / prompt_tokens
+            cached = self._prefix_cached(text, prompt_tokens)
+            ttft_s = self._ttft_s + self._prefill(prompt_tokens - cached)
             model = body.get("model") or self.model
             if body.get("stream"):
                 options = body.get("stream_options")
@@ -401,30 +413,42 @@ class Sim:
             metrics.kv_tokens -= held
             self._slots.release()
 
-    def _prefix_cached(self, words: list[str], prompt_tokens: int) -> int:
+    def _prefix_cached(self, text: str, prompt_tokens: int) -> int:
         """vLLM's automatic prefix caching, per server: the prompt's full blocks, each hash
-        chained on the previous one, are looked up and then cached; returns how many prompt
-        tokens were found (their prefill is skipped: a shorter time to first token)."""
+        chained on the previous one (controlplane/prompt.py, as the picker computes them),
+        are looked up and then cached; returns how many prompt tokens were found (their
+        prefill is skipped)."""
         metrics = self.metrics
         metrics.prefix_queries += prompt_tokens
-        blocks = len(words) // PREFIX_BLOCK
-        if not blocks:
+        size = self._block_chars
+        hashes = block_hashes(text, size)
+        if not hashes:
             return 0
-        cache, chained, hits, missed = self._prefix, 0, 0, False
-        for index in range(blocks):
-            chained = hash((chained, *words[index * PREFIX_BLOCK:(index + 1) * PREFIX_BLOCK]))
+        cache, hits, missed = self._prefix, 0, False
+        for chained in hashes:
             if not missed and chained in cache:
-                hits += PREFIX_BLOCK
+                hits += 1
                 cache.move_to_end(chained)
             else:
                 missed = True
                 cache[chained] = None
-        while len(cache) > PREFIX_CACHE_BLOCKS:
+        while len(cache) > self._cache_blocks:
             cache.popitem(last=False)
-        if hits >= prompt_tokens:
-            hits -= PREFIX_BLOCK  # the last block is computed again for the first token
-        metrics.prefix_hits += hits
-        return hits
+        if hits * size >= len(text):
+            hits -= 1  # the last block is computed again for the first token
+        cached = prompt_tokens * hits * size // len(text)
+        metrics.prefix_hits += cached
+        return cached
+
+    def _prefill(self, tokens: int) -> float:
+        """Seconds until this request's first token is computed: its prefill, after the
+        prefills already queued on this server's compute (they take turns)."""
+        if tokens <= 0 or self._prefill_s <= 0:
+            return 0.0
+        now = time.perf_counter()
+        start = max(now, self._prefill_free_at)
+        self._prefill_free_at = start + tokens * self._prefill_s
+        return self._prefill_free_at - now
 
     async def _complete(self, request: web.Request, chat: bool, arrival: float,
                         prompt_tokens: int, tokens: int, reason: str, ttft_s: float,
