@@ -273,7 +273,9 @@ def test_a_traffic_change_before_parking_keeps_the_old_stable_awake(tmp_path):
 
 def test_scale_to_zero_holds_the_next_request_while_waking(tmp_path):
     models = [
-        {"name": "llama-3-8b", "idle_timeout_seconds": 1.5,
+        # 4 s: long enough that the test reads v1's backend before it idles out, however
+        # slowly a loaded machine started the stack.
+        {"name": "llama-3-8b", "idle_timeout_seconds": 4,
          "versions": [{"name": "v1", "weight": 100, "backend": {"sim": {"wake_ms": 300}}}]},
         {"name": "slow-to-wake", "idle_timeout_seconds": 1.5, "wake_timeout_seconds": 0.5,
          "versions": [{"name": "v1", "weight": 100, "backend": {"sim": {"wake_ms": 3000}}}]},
