@@ -54,7 +54,7 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The benchmark suite, short runs (~3 min; docs/benchmarks.md). The documented runs:
+# The benchmark suite, short runs (~7 min; docs/benchmarks.md). The documented runs:
 # `make bench BENCH_ARGS=--full`; one benchmark: `make bench BENCH_ARGS="--only fanout"`.
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

@@ -112,6 +112,15 @@ async def sweep(
     return time.monotonic() - started, failures
 
 
+def envoy_stat_count(envoy_admin: str) -> int:
+    """How many stats Envoy has (every used one goes to the controller each stats flush)."""
+    try:
+        with urllib.request.urlopen(f"http://{envoy_admin}/stats?usedonly", timeout=60) as answer:
+            return sum(1 for line in answer.read().splitlines() if line.strip())
+    except OSError:
+        return -1
+
+
 def unready_events(log_path: Path) -> int:
     """backend.unready lines so far in the controller's log: versions that left EDS."""
     return log_path.read_text(errors="replace").count("backend.unready")
@@ -166,6 +175,7 @@ def main() -> None:
         flaps = unready_events(up.log_path)
         measured = sample([controller, *children, *sims], args.idle_seconds)
         flaps = unready_events(up.log_path) - flaps
+        stats = envoy_stat_count(up.config["listen"]["envoy_admin"])
         names = {pid: name_of(pid) for pid in children}
         names.update({pid: f"shared sim {index}" for index, pid in enumerate(sims)})
 
@@ -195,7 +205,8 @@ def main() -> None:
           f"{'met' if mine['rss_max'] <= 300 else 'NOT met'}; idle CPU {mine['cpu_pct']:.2f} % "
           f"(goal <= 2): {'met' if mine['cpu_pct'] <= 2 else 'NOT met'}")  # fmt: skip
     print(f"versions taken out of EDS while idle (backend.unready in the controller's log): "
-          f"{flaps}")  # fmt: skip
+          f"{flaps}; Envoy's used stats (each flush sends them all to the controller): "
+          f"{stats}")  # fmt: skip
 
 
 if __name__ == "__main__":

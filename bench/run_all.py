@@ -1,7 +1,7 @@
 """Run the whole benchmark suite, one benchmark after the other, each printing its table.
 
-    python bench/run_all.py            # short runs (~3 min): fewer repetitions, no plots
-    python bench/run_all.py --full     # the runs docs/benchmarks.md reports (~7 min), plots
+    python bench/run_all.py            # short runs (~7 min): fewer repetitions, no plots
+    python bench/run_all.py --full     # the scripts' defaults (~30 min: fleet sizes), plots
     python bench/run_all.py --only fanout,split
     make bench                         # the same as the first line (BENCH_ARGS=--full for full)
 
