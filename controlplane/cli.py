@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from controlplane import __version__, logs
-from controlplane.config import default_config_path, load_config
+from controlplane.config import default_config_path, load_config, split_hostport
 from controlplane.errors import ConfigError
 
 DEFAULT_SERVER = "http://127.0.0.1:9000"
@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV-cache size, which the prefix cache shares")
     sim.add_argument("--block-size", type=int, default=16,
                      help="tokens per prefix-cache block (a token is 4 characters)")
+
+    picker = command("picker", cmd_picker, "run the endpoint picker (an Envoy ext_proc service)")
+    picker.add_argument("--listen", required=True, help="host:port of its gRPC service")
+    picker.add_argument("--metrics", default=None, help="host:port of its Prometheus metrics")
+    picker.add_argument("--scrape-interval-ms", type=int, default=100,
+                        help="how often it reads each endpoint's vLLM /metrics")  # fmt: skip
+    picker.add_argument("--weights", default="prefix=3,queue=2,kv_cache=2,queue_unit=4",
+                        help="how much each signal counts in an endpoint's score")  # fmt: skip
+    picker.add_argument("--max-blocks", type=int, default=512,
+                        help="leading prompt blocks (16 tokens) it matches")  # fmt: skip
+    picker.add_argument("--cache-tokens", type=int, default=262144,
+                        help="tokens it remembers per endpoint (the servers' prefix cache)")
 
     boot = command("bootstrap", cmd_bootstrap, "print the Envoy bootstrap YAML")
     with_config(boot)
@@ -240,6 +252,39 @@ def cmd_sim(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
+    return 0
+
+
+def cmd_picker(args: argparse.Namespace) -> int:
+    from controlplane.picker.scheduler import Weights
+    from controlplane.picker.service import Settings, run
+
+    weights = {}
+    for pair in filter(None, args.weights.split(",")):
+        key, _, value = pair.partition("=")
+        if key not in ("prefix", "queue", "kv_cache", "queue_unit"):
+            raise CliError(f"--weights: unknown {key!r} (prefix, queue, kv_cache, queue_unit)",
+                           code=2)  # fmt: skip
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            weights[key] = -1.0
+        if not weights[key] >= 0 or (key == "queue_unit" and not weights[key] > 0):
+            raise CliError(f"--weights: {pair!r}: expected signal=number >= 0", code=2)
+    if args.scrape_interval_ms < 1 or args.max_blocks < 1 or args.cache_tokens < 16:
+        raise CliError("--scrape-interval-ms, --max-blocks and --cache-tokens must be "
+                       "positive (cache at least 16 tokens)", code=2)  # fmt: skip
+    try:
+        split_hostport(args.listen)
+        if args.metrics:
+            split_hostport(args.metrics)
+    except ValueError as exc:
+        raise CliError(f"--listen/--metrics: {exc}", code=2) from None
+    run(Settings(
+        listen=args.listen, metrics=args.metrics,
+        scrape_interval_s=args.scrape_interval_ms / 1000, weights=Weights(**weights),
+        max_blocks=args.max_blocks, cache_tokens=args.cache_tokens,
+    ))  # fmt: skip
     return 0
 
 

@@ -50,6 +50,9 @@ class Listen(Strict):
     admin: StrictStr = "127.0.0.1:9000"
     xds: StrictStr = "127.0.0.1:18000"
     envoy_admin: StrictStr = "127.0.0.1:9901"
+    # The endpoint picker's gRPC port (ext_proc; it sees request bodies): loopback only.
+    # Null: a free port on 127.0.0.1, chosen when the stack starts (Envoy learns it by CDS).
+    picker: StrictStr | None = None
 
     @field_validator("proxy", "admin", "xds", "envoy_admin")
     @classmethod
@@ -57,11 +60,25 @@ class Listen(Strict):
         split_hostport(value)
         return value
 
+    @field_validator("picker")
+    @classmethod
+    def _picker(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _ = split_hostport(value)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(
+                    f"{value}: the endpoint picker sees request bodies and speaks plaintext "
+                    "gRPC: give a loopback address (Envoy runs on this machine)"
+                )
+        return value
+
     @model_validator(mode="after")
     def _distinct(self) -> Listen:
         seen: dict[str, str] = {}
-        for key in ("proxy", "admin", "xds", "envoy_admin"):
+        for key in ("proxy", "admin", "xds", "envoy_admin", "picker"):
             address = getattr(self, key)
+            if address is None:
+                continue
             if address in seen:
                 raise ValueError(f"{key} and {seen[address]} both use {address}")
             seen[address] = key
@@ -241,6 +258,9 @@ class AlertThresholds(Strict):
 class ModelConfig(Strict):
     name: StrictStr
     versions: list[VersionConfig] = Field(min_length=1)
+    # How Envoy picks an endpoint inside the version the split chose: least outstanding
+    # requests, or the endpoint picker's prefix-cache and load-aware choice (docs/routing.md).
+    routing: Literal["least_request", "prefix_aware"] = "least_request"
     # What happens to the previous stable after a rollout: vLLM sleep level 1 or 2, stopped,
     # or kept running.
     park: Literal["sleep1", "sleep2", "stop", "keep"] = "sleep1"
@@ -287,6 +307,33 @@ class Webhook(Strict):
 
 class Notifications(Strict):
     webhooks: list[Webhook] = []
+
+
+class PickerWeights(Strict):
+    """How much each signal counts in an endpoint's score (llm-d's weights; the queue
+    signal differs: controlplane/picker/scheduler.py)."""
+
+    prefix: float = Field(3.0, ge=0)  # share of the prompt's blocks it was sent before
+    queue: float = Field(2.0, ge=0)  # fewest requests in the engine (waiting and running)
+    kv_cache: float = Field(2.0, ge=0)  # most free KV cache (vllm:kv_cache_usage_perc)
+    # Requests in the engine beyond the least busy endpoint's that cost `queue` once more.
+    queue_unit: float = Field(4.0, gt=0)
+
+
+class PickerSettings(Strict):
+    """The endpoint picker of `prefix_aware` models (docs/routing.md)."""
+
+    # Envoy waits this long for the picker's answer, then goes on without it (least request
+    # inside the same version): a slow, dead or restarting picker costs no request.
+    timeout_ms: StrictInt = Field(50, ge=1, le=10_000)
+    # How often it reads each endpoint's vLLM /metrics (queue, KV cache).
+    scrape_interval_ms: StrictInt = Field(100, ge=10, le=10_000)
+    weights: PickerWeights = PickerWeights()
+    # The prompt's first blocks it matches (blocks of 16 tokens, 64 characters): 512 is the
+    # first 8,192 tokens. More costs hashing time on every request.
+    max_blocks: StrictInt = Field(512, ge=1, le=65536)
+    # Blocks it remembers per endpoint, in tokens: the servers' prefix cache (their KV cache).
+    cache_tokens: StrictInt = Field(262144, ge=16)
 
 
 class HealthSettings(Strict):
@@ -403,6 +450,7 @@ class Config(Strict):
     proxy: ProxySettings = ProxySettings()
     xds: XdsSettings = XdsSettings()
     health: HealthSettings = HealthSettings()
+    picker: PickerSettings = PickerSettings()
     notifications: Notifications = Notifications()
     state_dir: StrictStr = ".switchyard"
     runtime: Literal["local", "kubernetes"] = "local"

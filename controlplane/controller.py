@@ -75,7 +75,11 @@ DRAIN_TIMEOUT_S = 60.0  # the longest a park waits for the version's requests to
 
 
 class Controller:
-    def __init__(self, config: Config, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, state_dir: Path | None = None, picker: str | None = None
+    ) -> None:
+        """`picker`: the endpoint picker's address, which `prefix_aware` models' routes
+        use (the Stack chooses it); without one those models fall back to least request."""
         self.config = config
         self.state_dir = Path(state_dir or config.state_dir)
         self.state = State.from_config(config)
@@ -84,7 +88,8 @@ class Controller:
         self.events = EventBus()
         self.health = HealthSignals()  # fed by Envoy stats and vLLM scrapes
         self.xds = XdsServer(self.events)
-        self.proxy = ProxySettings.from_config(config)
+        self.proxy = ProxySettings.from_config(config, picker)
+        self.picker_metrics: str | None = None  # the picker's /metrics, which ours include
         self.snapshot: Snapshot | None = None
         self._builder = SnapshotBuilder(self.proxy)
         self._changes = asyncio.Lock()  # one transition at a time: no lost updates

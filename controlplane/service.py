@@ -28,6 +28,7 @@ from controlplane.health.analysis import HealthAnalysis
 from controlplane.health.envoy_stats import EnvoyStatsReceiver
 from controlplane.health.vllm_metrics import VllmScraper
 from controlplane.notify import Notifier
+from controlplane.picker.supervisor import PickerSupervisor, picker_argv
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.activator import Activator
 from controlplane.reconciler.local import LocalRuntime
@@ -85,7 +86,9 @@ class Stack:
     scraper: VllmScraper | None = field(init=False, default=None)
     envoy: EnvoySupervisor | None = field(init=False, default=None)
     envoy_stats: EnvoyStatsReceiver = field(init=False)
+    picker: PickerSupervisor | None = field(init=False, default=None)
     _admin: web.AppRunner | None = field(init=False, default=None)
+    _picker_watch: asyncio.Task | None = field(init=False, default=None)
 
     async def start(self) -> None:
         check_admin_exposure(self.config, self.token)
@@ -98,7 +101,15 @@ class Stack:
                     read_pem(getattr(tls, key), f"xds.tls.{key}")
         self.state_dir = Path(self.state_dir or self.config.state_dir)
         processes.reap_orphans(self.state_dir)
-        self.controller = Controller(self.config, self.state_dir)
+        # The endpoint picker's address is in every snapshot (Envoy's cluster for it), so it
+        # is chosen now, even if no model needs the picker yet.
+        picker = self.config.listen.picker or f"127.0.0.1:{processes.free_port()}"
+        self.controller = Controller(self.config, self.state_dir, picker=picker)
+        metrics_address = f"127.0.0.1:{processes.free_port()}"
+        self.controller.picker_metrics = f"http://{metrics_address}/metrics"
+        self.picker = PickerSupervisor(
+            picker_argv(self.config.picker, picker, metrics_address), self.state_dir
+        )
         if self.leader is not None:  # not one write once the Lease may be someone else's
             self.controller.store.may_write = lambda: self.leader.is_leader
         self.envoy_stats = EnvoyStatsReceiver(self.controller.health, self.controller.state)
@@ -150,11 +161,31 @@ class Stack:
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)
             await self.envoy.start()
+        await self._start_picker_if_needed()
+        self._picker_watch = asyncio.create_task(self._watch_for_picker(), name="picker-watch")
         self.notifier = Notifier(self.controller.events, self.config.notifications.webhooks)
         self.notifier.start()
         await self.engine.start()
         self.alerts = HealthAlerts(self.controller)  # health.degraded, rollout or not
         self.alerts.start()
+
+    async def _start_picker_if_needed(self) -> None:
+        """The picker runs once a model routes `prefix_aware` (configured or added)."""
+        models = self.controller.state.models.values()
+        if self.picker is not None and any(m.routing == "prefix_aware" for m in models):
+            await self.picker.start()
+
+    async def _watch_for_picker(self) -> None:
+        queue = self.controller.events.subscribe()
+        try:
+            while (event := await queue.get()) is not None:
+                if event.type == "model.added":
+                    try:
+                        await self._start_picker_if_needed()
+                    except OSError as exc:
+                        logs.event(log, "picker.spawn_failed", logging.ERROR, error=exc)
+        finally:
+            self.controller.events.unsubscribe(queue)
 
     async def wait_ready(self) -> bool:
         backends = self.runtime is None or await self.runtime.wait_ready(BACKEND_READY_TIMEOUT_S)
@@ -197,8 +228,13 @@ class Stack:
             await self.scraper.stop()
         if self.notifier is not None:
             await self.notifier.stop()
+        if self._picker_watch is not None:
+            self._picker_watch.cancel()
+            await asyncio.gather(self._picker_watch, return_exceptions=True)
         if self.envoy is not None:
             await self.envoy.stop()
+        if self.picker is not None:
+            await self.picker.stop()
         if self.activator is not None:
             await self.activator.stop()
         if self.runtime is not None:

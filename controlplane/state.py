@@ -108,6 +108,7 @@ class Model:
     wake_timeout_s: float = 120.0
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     alerts: AlertThresholds | None = None
+    routing: str = "least_request"  # how an endpoint is picked inside a version
     spec: ModelConfig | None = None  # set when the model was added at run time (persisted)
     removed: set[str] = field(default_factory=set)  # configured versions removed at run time
     # Bumped by every traffic change: work decided on older traffic (parking) is dropped.
@@ -125,6 +126,7 @@ class Model:
             "last_good": self.last_good,
             "active_rollout": self.active_rollout,
             "traffic_policy": self.policy.to_json(),
+            "routing": self.routing,
         }
 
     @classmethod
@@ -134,7 +136,7 @@ class Model:
         return cls(
             config.name, versions, stable, park=config.park,
             idle_timeout_s=config.idle_timeout_seconds, wake_timeout_s=config.wake_timeout_seconds,
-            retries=config.retries, alerts=config.alerts,
+            retries=config.retries, alerts=config.alerts, routing=config.routing,
         )  # fmt: skip
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 
 from controlplane.config import parse_config
 from controlplane.errors import Invalid
@@ -231,3 +234,59 @@ def test_a_long_model_list_raises_envoys_direct_response_limit():
     body = route_config.virtual_hosts[0].routes[0].direct_response.body.inline_string
     assert len(body) > 4096
     assert route_config.max_direct_response_body_size_bytes.value >= len(body)
+
+
+def _prefix_aware_state() -> State:
+    state = _state()
+    state.models["chat"].routing = "prefix_aware"
+    state.models["chat"].versions["v1"].endpoints.append(Endpoint("http://127.0.0.1:8003"))
+    return state
+
+
+PICKED = resources.ProxySettings("127.0.0.1", 10000, picker=("127.0.0.1", 18001))
+
+
+def test_a_prefix_aware_version_splits_to_its_hosts_then_stables_and_tells_the_picker():
+    """No aggregate cluster (it would hide the picker's choice from override_host): an EDS
+    cluster with the version's endpoints at priority 0 and stable's at 1; the split route
+    turns the picker on and each weighted cluster names its version and endpoints."""
+    snapshot = build_snapshot(_prefix_aware_state(), PICKED)
+    split = cluster_pb2.Cluster.FromString(snapshot.resources[CLUSTER]["chat@v2"].value)
+    assert split.type == cluster_pb2.Cluster.EDS
+    policy = split.load_balancing_policy.policies[0].typed_extension_config
+    assert policy.name == "envoy.load_balancing_policies.override_host"
+    cla = endpoint_pb2.ClusterLoadAssignment.FromString(
+        snapshot.resources[ENDPOINT]["chat@v2/split"].value
+    )
+    ports = [[e.endpoint.address.socket_address.port_value for e in locality.lb_endpoints]
+             for locality in cla.endpoints]  # fmt: skip
+    assert [locality.priority for locality in cla.endpoints] == [0, 1]
+    assert ports == [[8002], [8001, 8003]]
+    assert resources.PICKER_CLUSTER in snapshot.resources[CLUSTER]
+
+    split_route = next(r for r in _routes(snapshot, "chat").virtual_hosts[0].routes
+                       if r.name == "chat/split")  # fmt: skip
+    assert resources.EXT_PROC in split_route.typed_per_filter_config
+    told = {}
+    for weighted in split_route.route.weighted_clusters.clusters:
+        config = ext_proc_pb2.ExtProcPerRoute()
+        weighted.typed_per_filter_config[resources.EXT_PROC].Unpack(config)
+        told[weighted.name] = {h.key: h.value for h in config.overrides.grpc_initial_metadata}
+    candidates = "127.0.0.1:8001,127.0.0.1:8003"
+    assert told["chat@v1"] == {resources.POOL_HEADER: "chat@v1",
+                               resources.SUBSET_HEADER: candidates}  # fmt: skip
+
+
+def test_an_endpoint_change_of_a_prefix_aware_model_moves_its_routes_too():
+    """Its routes carry the endpoints (the picker's candidates); a least-request model's
+    endpoint change stays an EDS push."""
+    cases = (("prefix_aware", {ENDPOINT, ROUTE}), ("least_request", {ENDPOINT}))
+    for routing, changed_types in cases:
+        state = _prefix_aware_state()
+        state.models["chat"].routing = routing
+        builder = SnapshotBuilder(PICKED)
+        before = builder.build(state)
+        state.models["chat"].versions["v1"].endpoints.pop()
+        after = builder.build(state, ["chat"])
+        assert {t for t in TYPE_ORDER if before.versions[t] != after.versions[t]} == changed_types
+        assert after.versions == build_snapshot(state, PICKED).versions  # as a fresh build

@@ -7,6 +7,7 @@ middleware; handlers stay small and only translate HTTP to controller calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,6 +31,7 @@ from controlplane.store import PAGE_MAX
 
 log = logs.get("admin")
 HEALTH_WINDOW_S = 10.0
+PICKER_METRICS_TIMEOUT_S = 0.5
 # The largest request body (a model with its versions, a rollout spec): a few KiB in
 # practice; larger ones get a JSON 413 before anything is parsed.
 MAX_BODY_BYTES = 256 * 1024
@@ -364,7 +367,20 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(metrics.REGISTRY))
+    """The controller's metrics, then the endpoint picker's (a process of its own, read on
+    loopback; left out when it does not answer at once)."""
+    body = generate_latest(metrics.REGISTRY)
+    picker = request.app[CONTROLLER].picker_metrics
+    if picker is not None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            timeout = aiohttp.ClientTimeout(total=PICKER_METRICS_TIMEOUT_S)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(picker) as answer,
+            ):
+                if answer.status == 200:
+                    body += await answer.read()
+    response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 

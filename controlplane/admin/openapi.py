@@ -109,6 +109,11 @@ MODEL: Schema = {
             "description": "id of the model's active rollout",
         },
         "traffic_policy": _ref("TrafficPolicy"),
+        "routing": {
+            "type": "string",
+            "enum": ["least_request", "prefix_aware"],
+            "description": "how an endpoint is picked inside a version (docs/routing.md)",
+        },
     },
 }
 MODEL_LIST: Schema = {

@@ -27,24 +27,33 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
+    grpc_service_pb2,
     health_check_pb2,
+    protocol_pb2,
     substitution_format_string_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2 as previous_priorities_pb2,
 )
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.type.metadata.v3 import metadata_pb2 as metadata_key_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from controlplane.config import OPENAI_POST_PATHS, Config, RetryPolicy, split_hostport
@@ -88,6 +97,22 @@ MAX_EJECTION_S = 30
 # nothing was generated and nothing is generated twice.
 NEVER_SENT = "connect-failure,refused-stream,reset-before-request"
 AGGREGATE = "envoy.clusters.aggregate"
+# Inference-aware routing (docs/routing.md): the endpoint picker is an ext_proc service that
+# answers, as the Gateway API Inference Extension's endpoint pickers do, with the endpoints
+# to use in this header and in dynamic metadata `envoy.lb`; the hosts' `override_host`
+# load-balancing policy reads the metadata (a client cannot set it) and falls back to least
+# request when it names no endpoint of the cluster.
+PREFIX_AWARE = "prefix_aware"
+PICKER_CLUSTER = "switchyard/picker"
+EXT_PROC = "envoy.filters.http.ext_proc"
+BUFFER = "envoy.filters.http.buffer"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+# What the route tells the picker (gRPC metadata of its stream): the version the weighted
+# split chose, as `<model>@<version>`, and its ready endpoints (GIE's subset hint).
+POOL_HEADER = "x-switchyard-pool"
+SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
+DEFAULT_PICKER_TIMEOUT_MS = 50
 
 
 def stats_name(cluster: str) -> str:
@@ -103,6 +128,11 @@ def cluster_name(model: str, version: str) -> str:
 def hosts_cluster_name(model: str, version: str) -> str:
     """The cluster of the version's own backends (pins and mirrors go straight here)."""
     return f"{model}@{version}/hosts"
+
+
+def split_eds_name(model: str, version: str) -> str:
+    """EDS name of a prefix-aware version's split cluster: its hosts, then stable's."""
+    return f"{model}@{version}/split"
 
 
 def failover_order(model: Model, version: str) -> list[str]:
@@ -122,15 +152,20 @@ class ProxySettings:
     post_paths: tuple[str, ...] = OPENAI_POST_PATHS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     preview_token: str | None = None
+    picker: tuple[str, int] | None = None  # the endpoint picker's gRPC address, if any
+    picker_timeout_ms: int = DEFAULT_PICKER_TIMEOUT_MS
 
     @classmethod
-    def from_config(cls, config: Config) -> ProxySettings:
+    def from_config(cls, config: Config, picker: str | None = None) -> ProxySettings:
+        """`picker`: where the endpoint picker listens (the Stack chooses the port)."""
         proxy = config.proxy
         return cls(
             *split_hostport(config.listen.proxy),
             post_paths=proxy.post_paths,
             max_request_bytes=proxy.max_request_bytes,
             preview_token=proxy.effective_preview_token(),
+            picker=split_hostport(picker) if picker else None,
+            picker_timeout_ms=config.picker.timeout_ms,
         )
 
     def public_path_regex(self) -> str:
@@ -147,23 +182,46 @@ def build_clusters(state: State) -> list[cluster_pb2.Cluster]:
 
 
 def model_clusters(model: Model) -> list[cluster_pb2.Cluster]:
-    """Each version's hosts cluster, then its aggregate (itself, then stable)."""
-    clusters = [_hosts_cluster(model.name, version) for version in model.versions]
+    """Each version's hosts cluster, then its split cluster (itself, then stable).
+
+    The split cluster is an aggregate of the two hosts clusters; for a `prefix_aware` model
+    it is an EDS cluster of its own with stable's hosts as priority 1 instead, because
+    Envoy's aggregate cluster hides the request from its members' load balancers, so
+    `override_host` could never see the picker's choice through it (docs/routing.md)."""
+    picked = model.routing == PREFIX_AWARE
+    clusters = [_hosts_cluster(model.name, version, picked) for version in model.versions]
     for version in model.versions:
+        name = cluster_name(model.name, version)
+        if picked:
+            clusters.append(_split_cluster(model.name, version))
+            continue
         members = [hosts_cluster_name(model.name, v) for v in failover_order(model, version)]
-        clusters.append(_aggregate_cluster(cluster_name(model.name, version), members))
+        clusters.append(_aggregate_cluster(name, members))
     return clusters
 
 
-def _hosts_cluster(model: str, version: str) -> cluster_pb2.Cluster:
+def _hosts_cluster(model: str, version: str, picked: bool = False) -> cluster_pb2.Cluster:
     name = cluster_name(model, version)
     cluster = cluster_pb2.Cluster()
-    cluster.CopyFrom(_hosts_template())  # 5x faster than constructing the nested messages
+    # 5x faster than constructing the nested messages
+    cluster.CopyFrom(_picked_template() if picked else _hosts_template())
     cluster.name = hosts_cluster_name(model, version)
     # One set of stats per version, whichever cluster counts; without dots, which Envoy would
     # read as the end of the cluster name ("llama-3.1-8b@v1" would be cluster "llama-3").
     cluster.alt_stat_name = stats_name(name)
     cluster.eds_cluster_config.service_name = name
+    return cluster
+
+
+def _split_cluster(model: str, version: str) -> cluster_pb2.Cluster:
+    """A prefix-aware version's split cluster: its hosts at priority 0, stable's at 1 (as
+    the aggregate: a version with no healthy host sends its share to stable)."""
+    cluster = cluster_pb2.Cluster()
+    cluster.CopyFrom(_picked_template())
+    cluster.name = cluster_name(model, version)
+    if "." in cluster.name:
+        cluster.alt_stat_name = stats_name(cluster.name)
+    cluster.eds_cluster_config.service_name = split_eds_name(model, version)
     return cluster
 
 
@@ -186,6 +244,73 @@ def _hosts_template() -> cluster_pb2.Cluster:
         common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
             update_merge_window=duration_pb2.Duration(seconds=0)
         ),
+    )
+
+
+@functools.cache
+def _picked_template() -> cluster_pb2.Cluster:
+    """A hosts cluster whose host is the picker's choice when it made one (the endpoints
+    in metadata `envoy.lb`, tried in order by the attempts of a request), else least
+    request. Envoy does not check the named host's health: the picker leaves out the
+    endpoints it cannot reach."""
+    cluster = cluster_pb2.Cluster()
+    cluster.CopyFrom(_hosts_template())
+    cluster.ClearField("lb_policy")
+    fallback = cluster_pb2.LoadBalancingPolicy(
+        policies=[_lb_policy("envoy.load_balancing_policies.least_request",
+                             least_request_pb2.LeastRequest())]
+    )  # fmt: skip
+    override = override_host_pb2.OverrideHost(
+        override_host_sources=[
+            override_host_pb2.OverrideHost.OverrideHostSource(
+                metadata=metadata_key_pb2.MetadataKey(
+                    key=LB_NAMESPACE,
+                    path=[metadata_key_pb2.MetadataKey.PathSegment(key=DESTINATION_HEADER)],
+                )
+            )
+        ],
+        fallback_policy=fallback,
+    )
+    cluster.load_balancing_policy.CopyFrom(
+        cluster_pb2.LoadBalancingPolicy(
+            policies=[_lb_policy("envoy.load_balancing_policies.override_host", override)]
+        )
+    )
+    return cluster
+
+
+def _lb_policy(name: str, config) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(
+            name=name, typed_config=_pack(config)
+        )
+    )
+
+
+def picker_cluster(proxy: ProxySettings) -> cluster_pb2.Cluster:
+    """The endpoint picker, over HTTP/2 (gRPC). A short connect timeout: a dead picker
+    costs a request that much before Envoy goes on without it (fail-open)."""
+    assert proxy.picker is not None
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    host = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=_address(*proxy.picker))
+    )
+    return cluster_pb2.Cluster(
+        name=PICKER_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_duration(proxy.picker_timeout_ms / 1000),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=PICKER_CLUSTER,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[host])],
+        ),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(options)
+        },
+        circuit_breakers=_circuit_breakers(),
     )
 
 
@@ -282,6 +407,27 @@ def model_endpoints(model: Model) -> list[endpoint_pb2.ClusterLoadAssignment]:
                 endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)],
             )
         )
+    if model.routing == PREFIX_AWARE:
+        assignments.extend(_split_endpoints(model, assignments))
+    return assignments
+
+
+def _split_endpoints(model: Model, hosts: list) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    """A prefix-aware version's split cluster: its endpoints at priority 0, then stable's."""
+    by_version = dict(zip(model.versions, hosts, strict=True))
+    assignments = []
+    for version in model.versions:
+        order = failover_order(model, version)
+        localities = []
+        for priority, member in enumerate(order):
+            locality = endpoint_components_pb2.LocalityLbEndpoints(priority=priority)
+            locality.lb_endpoints.extend(by_version[member].endpoints[0].lb_endpoints)
+            localities.append(locality)
+        assignments.append(
+            endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=split_eds_name(model.name, version), endpoints=localities
+            )
+        )
     return assignments
 
 
@@ -317,6 +463,8 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
         mutations=header_mutation_pb2.Mutations(
             request_mutations=[
                 mutation_rules_pb2.HeaderMutation(remove=MODEL_HEADER),
+                # Only the picker says which endpoint to use, never the client.
+                mutation_rules_pb2.HeaderMutation(remove=DESTINATION_HEADER),
                 mutation_rules_pb2.HeaderMutation(
                     append=_header(
                         MODEL_HEADER, f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%"
@@ -341,6 +489,7 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.header_mutation", typed_config=_pack(model_to_header)
             ),
+            *_picker_filters(proxy),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())
             ),
@@ -371,6 +520,83 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
             )
         ],
     )
+
+
+def _picker_filters(proxy: ProxySettings) -> list[hcm_pb2.HttpFilter]:
+    """The endpoint picker's ext_proc filter, then a buffer. The filter sends nothing (and
+    opens no stream) unless the route says to send the body: the routes of `prefix_aware`
+    models (_picker_on). A route cannot switch on a filter the listener disables: Envoy
+    decides that before the scoped route is known. The picker gets the buffered body only
+    (one message, one round trip); the buffer holds the request until the picker answered,
+    since the router would choose a host as soon as the headers reach it (json_to_metadata
+    has buffered the body already, so it costs the other requests nothing). Fail-open: a
+    picker slower than `picker.timeout_ms`, unreachable or erring costs nothing but that
+    wait, and the host is then least request's."""
+    if proxy.picker is None:
+        return []
+    mode = processing_mode_pb2.ProcessingMode
+    nothing = mode(
+        request_header_mode=mode.SKIP, response_header_mode=mode.SKIP,
+        request_body_mode=mode.NONE, response_body_mode=mode.NONE,
+        request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP,
+    )  # fmt: skip
+    picker = ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=PICKER_CLUSTER)
+        ),
+        failure_mode_allow=True,
+        message_timeout=_duration(proxy.picker_timeout_ms / 1000),
+        processing_mode=nothing,
+        metadata_options=ext_proc_pb2.MetadataOptions(
+            receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[LB_NAMESPACE]
+            )
+        ),
+        stat_prefix="picker",
+    )
+    hold = buffer_pb2.Buffer(max_request_bytes=wrappers_pb2.UInt32Value(
+        value=proxy.max_request_bytes))  # fmt: skip
+    return [
+        hcm_pb2.HttpFilter(name=EXT_PROC, typed_config=_pack(picker)),
+        hcm_pb2.HttpFilter(name=BUFFER, typed_config=_pack(hold)),
+    ]
+
+
+@functools.cache
+def _body_only() -> processing_mode_pb2.ProcessingMode:
+    mode = processing_mode_pb2.ProcessingMode
+    return mode(
+        request_header_mode=mode.SKIP, response_header_mode=mode.SKIP,
+        request_body_mode=mode.BUFFERED, response_body_mode=mode.NONE,
+        request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP,
+    )  # fmt: skip
+
+
+def _picker_on(
+    pool: str | None = None, subset: str = "", send_body: bool = True
+) -> any_pb2.Any:
+    """A route's ext_proc config that sends the body to the picker; with `pool`, it also
+    tells the picker (gRPC metadata of its stream) the version (`<model>@<version>`) the
+    route chose and its ready endpoints, the candidates. A weighted cluster's own config
+    (`send_body=False`: only the version) adds to its route's: Envoy merges them."""
+    overrides = ext_proc_pb2.ExtProcOverrides()
+    if send_body:
+        overrides.processing_mode.CopyFrom(_body_only())
+    if pool is not None:
+        overrides.grpc_initial_metadata.extend([
+            base_pb2.HeaderValue(key=POOL_HEADER, value=pool),
+            base_pb2.HeaderValue(key=SUBSET_HEADER, value=subset),
+        ])  # fmt: skip
+    return _pack(ext_proc_pb2.ExtProcPerRoute(overrides=overrides))
+
+
+def _subset(model: Model, version: str) -> str:
+    """The version's ready endpoints as GIE writes them: `ip:port,ip:port`."""
+    hosts = sorted(
+        f"{host}:{port}"
+        for host, port in (ep.host_port for ep in model.versions[version].endpoints if ep.ready)
+    )
+    return ",".join(hosts)
 
 
 def _scope_key_builder() -> hcm_pb2.ScopedRoutes.ScopeKeyBuilder:
@@ -480,7 +706,7 @@ def build_route_configs(
 def model_route_config(model: Model, proxy: ProxySettings) -> route_pb2.RouteConfiguration:
     """Everything a request for `model` can meet: the gates, its pins and its split, and a
     400 for a `model` that only looks like this one (a number whose digits are its name)."""
-    routes = [*_gate_routes(proxy), *model_routes(model)]
+    routes = [*_gate_routes(proxy), *model_routes(model, proxy)]
     routes.append(
         route_components_pb2.Route(
             name="error/model-not-a-string",
@@ -589,25 +815,34 @@ def _gate_routes(proxy: ProxySettings) -> tuple[route_components_pb2.Route, ...]
     return tuple(routes)
 
 
-def model_routes(model: Model) -> list[route_components_pb2.Route]:
+def model_routes(
+    model: Model, proxy: ProxySettings | None = None
+) -> list[route_components_pb2.Route]:
     """Pinned versions (preview header), an unknown pin, then the weighted split.
 
     A pin goes to that version's hosts only (no failover); the split goes to each version's
-    aggregate cluster, whose answer may come from stable: the header names the host's version.
+    split cluster, whose answer may come from stable: the header names the host's version.
+    For a `prefix_aware` model every one of these routes turns the endpoint picker on and
+    tells it the version it chose (docs/routing.md).
     """
     retries, rolling_out = model.retries, model.active_rollout is not None
+    picked = proxy is not None and proxy.picker is not None and model.routing == PREFIX_AWARE
     routes = []
     for version in model.versions.values():
-        routes.append(
-            route_components_pb2.Route(
-                name=f"{model.name}/pin/{version.name}",
-                match=_metadata_match(model.name, _header_exact(VERSION_HEADER, version.name)),
-                route=_forward(
-                    retries, rolling_out, cluster=hosts_cluster_name(model.name, version.name)
-                ),
-                response_headers_to_add=[_version_header(version.name)],
-            )
+        pin = route_components_pb2.Route(
+            name=f"{model.name}/pin/{version.name}",
+            match=_metadata_match(model.name, _header_exact(VERSION_HEADER, version.name)),
+            route=_forward(
+                retries, rolling_out, cluster=hosts_cluster_name(model.name, version.name)
+            ),
+            response_headers_to_add=[_version_header(version.name)],
         )
+        if picked:
+            pool = cluster_name(model.name, version.name)
+            pin.typed_per_filter_config[EXT_PROC].CopyFrom(
+                _picker_on(pool, _subset(model, version.name))
+            )
+        routes.append(pin)
     versions = ", ".join(model.versions)
     routes.append(
         route_components_pb2.Route(
@@ -638,11 +873,18 @@ def model_routes(model: Model) -> list[route_components_pb2.Route]:
     )
     action = _forward(retries, rolling_out, weighted_clusters=split)
     _apply_policy(model, action)
-    routes.append(
-        route_components_pb2.Route(
-            name=f"{model.name}/split", match=_metadata_match(model.name), route=action
-        )
+    route = route_components_pb2.Route(
+        name=f"{model.name}/split", match=_metadata_match(model.name), route=action
     )
+    if picked:
+        # Envoy picks the weighted cluster when it resolves the route, before the filters
+        # run: each cluster's own per-filter config tells the picker which version it got.
+        route.typed_per_filter_config[EXT_PROC].CopyFrom(_picker_on())
+        for weighted in route.route.weighted_clusters.clusters:
+            version = weighted.name.rpartition("@")[2]
+            pool = _picker_on(weighted.name, _subset(model, version), send_body=False)
+            weighted.typed_per_filter_config[EXT_PROC].CopyFrom(pool)
+    routes.append(route)
     return routes
 
 

@@ -247,6 +247,10 @@ class SnapshotBuilder:
                 table.drop_others(owners)
             listing = tuple((m.name, m.created) for m in state.models.values())
             tables[LISTENER].put(FLEET, self.proxy, lambda: [resources.build_listener(self.proxy)])
+            tables[CLUSTER].put(
+                FLEET, self.proxy,
+                lambda: [resources.picker_cluster(self.proxy)] if self.proxy.picker else [],
+            )  # fmt: skip
             tables[ROUTE].put(
                 FLEET, (listing, self.proxy),
                 lambda: [resources.missing_model_routes(state, self.proxy),
@@ -265,17 +269,24 @@ class SnapshotBuilder:
     def _put_model(self, model: Model) -> None:
         tables, name = self._tables, model.name
         versions = tuple(model.versions)
-        tables[CLUSTER].put(name, (model.stable, versions), lambda: resources.model_clusters(model))
+        routing = model.routing
+        tables[CLUSTER].put(
+            name, (model.stable, versions, routing), lambda: resources.model_clusters(model)
+        )
         ready = tuple(
             tuple(e.url for e in v.endpoints if e.ready) for v in model.versions.values()
         )
+        # A prefix-aware model's split clusters hold stable's endpoints; its routes tell the
+        # picker each version's endpoints (resources.py): both follow them.
+        picked = routing == resources.PREFIX_AWARE
         tables[ENDPOINT].put(
-            name, (versions, ready), lambda: resources.model_endpoints(model)
-        )
+            name, (versions, ready, routing, picked and model.stable),
+            lambda: resources.model_endpoints(model),
+        )  # fmt: skip
         weights = tuple((v.name, v.weight) for v in model.versions.values())
         rolling_out = model.active_rollout is not None  # retries differ (resources.py)
         tables[ROUTE].put(
-            name, (weights, model.policy, model.retries, rolling_out),
+            name, (weights, model.policy, model.retries, rolling_out, routing, picked and ready),
             lambda: [self._model_routes(model)],
         )  # fmt: skip
 

@@ -1,0 +1,214 @@
+"""The endpoint picker over real gRPC: the Gateway API Inference Extension's protocol.
+
+A picker served in this process (`service.serve`), asked as Envoy asks it (an ext_proc
+stream: gRPC metadata naming the version and its candidates, the body in one message), and
+as a GIE gateway would (candidates in metadata `envoy.lb.subset_hint`, or a headers-only
+exchange). Real simulators behind it give the load it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import aiohttp
+import grpc
+import pytest
+from aiohttp import web
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
+from controlplane import prompt
+from controlplane.picker.service import Settings, serve
+from controlplane.sim import SimConfig, make_app
+from tests.conftest import free_port, wait_until
+
+DESTINATION = "x-gateway-destination-endpoint"
+SYSTEM = " ".join(f"rule{i}" for i in range(200))
+
+
+class Servers:
+    """Simulators on free ports, in a thread of their own (the picker reads their metrics)."""
+
+    def __init__(self, count: int, **config) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        self.loop = asyncio.new_event_loop()
+        self.runners: list[web.AppRunner] = []
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        for port in self.ports:
+            asyncio.run_coroutine_threadsafe(self._start(port, config), self.loop).result(10)
+
+    async def _start(self, port: int, config: dict) -> None:
+        runner = web.AppRunner(make_app(SimConfig(model="m", **config)))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.runners.append(runner)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    def close(self) -> None:
+        for runner in self.runners:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def servers():
+    running = Servers(3)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def picker():
+    """A picker on a free port; its gRPC channel."""
+    port = free_port()
+    stop = threading.Event()
+    settings = Settings(listen=f"127.0.0.1:{port}", scrape_interval_s=0.05)
+    thread = threading.Thread(target=serve, args=(settings, stop), daemon=True)
+    thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=10)
+    yield channel
+    channel.close()
+    stop.set()
+    thread.join(10)
+
+
+def ask(channel, body: dict | None, metadata=(), hint: list[str] | None = None,
+        headers_only: bool = False) -> ext_proc.ProcessingResponse:  # fmt: skip
+    """One ext_proc stream as Envoy opens it; the picker's answer."""
+    process = channel.stream_stream(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+        request_serializer=ext_proc.ProcessingRequest.SerializeToString,
+        response_deserializer=ext_proc.ProcessingResponse.FromString,
+    )
+    request = ext_proc.ProcessingRequest()
+    if headers_only:
+        request.request_headers.SetInParent()
+        request.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    else:
+        request.request_body.body = json.dumps(body).encode()
+        request.request_body.end_of_stream = True
+    if hint is not None:
+        subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
+        subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
+    return next(iter(process(iter([request]), metadata=metadata, timeout=5)))
+
+
+def chosen(response: ext_proc.ProcessingResponse) -> list[str]:
+    """The endpoints the picker answered with, as Envoy's override_host reads them; the
+    header mutation must say the same (the GIE protocol sets both)."""
+    lb = response.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DESTINATION]
+    kind = response.WhichOneof("response")
+    headers = getattr(response, kind).response.header_mutation.set_headers
+    header = next(h.header for h in headers if h.header.key == DESTINATION)
+    assert header.raw_value.decode() == lb.string_value
+    return lb.string_value.split(",")
+
+
+def chat(conversation: str, turns: int) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"{conversation} turn {turn} " * 20})
+        messages.append({"role": "assistant", "content": "the quick brown fox " * 5})
+    messages.append({"role": "user", "content": f"{conversation} next question " * 20})
+    return {"model": "m", "messages": messages}
+
+
+def pool(servers: Servers, version: str = "m@v1") -> tuple[tuple[str, str], ...]:
+    return (("x-switchyard-pool", version),
+            ("x-gateway-destination-endpoint-subset", ",".join(servers.endpoints)))  # fmt: skip
+
+
+def test_each_conversation_goes_back_to_the_endpoint_that_has_its_prefix(picker, servers):
+    homes = {}
+    for conversation in ("alpha", "beta", "gamma", "delta"):
+        first = chosen(ask(picker, chat(conversation, 0), pool(servers)))
+        assert sorted(first) == sorted(servers.endpoints)  # every candidate, best first
+        homes[conversation] = first[0]
+    for turn in range(1, 4):
+        time.sleep(0.12)  # the last turns are over: a read of the metrics says so
+        for conversation, home in homes.items():
+            assert chosen(ask(picker, chat(conversation, turn), pool(servers)))[0] == home
+
+
+def test_a_burst_of_new_prompts_is_spread_over_the_endpoints(picker, servers):
+    firsts = [chosen(ask(picker, {"model": "m", "prompt": f"unrelated prompt {i} " * 30},
+                         pool(servers)))[0] for i in range(9)]  # fmt: skip
+    assert set(firsts) == set(servers.endpoints)  # sent ones count until the next read
+
+
+def test_an_endpoint_busier_than_the_others_and_short_of_kv_cache_loses_its_prefix(picker):
+    busy_servers = Servers(3, max_num_seqs=1, kv_cache_tokens=512, ttft_ms=5000)
+    try:
+        home = chosen(ask(picker, chat("alpha", 1), pool(busy_servers)))[0]
+        # Six long requests straight to that server: one runs, five wait, KV cache ~90 % full.
+        hog = json.dumps({"model": "m", "prompt": "x " * 400, "max_tokens": 50}).encode()
+        index = busy_servers.endpoints.index(home)
+        url = f"http://{home}/v1/completions"
+        tasks = [asyncio.run_coroutine_threadsafe(_post(url, hog), busy_servers.loop)
+                 for _ in range(6)]  # fmt: skip
+        wait_until(lambda: _waiting(busy_servers, index) >= 5, message="the server queues")
+        time.sleep(0.2)  # two reads of its metrics
+        assert chosen(ask(picker, chat("alpha", 2), pool(busy_servers)))[0] != home
+        for task in tasks:
+            task.cancel()
+    finally:
+        busy_servers.close()
+
+
+def test_a_gateway_may_send_the_candidates_as_gie_subset_hint(picker, servers):
+    answer = ask(picker, {"model": "m", "prompt": "hello " * 100}, hint=servers.endpoints)
+    assert sorted(chosen(answer)) == sorted(servers.endpoints)
+
+
+def test_without_a_body_the_choice_is_made_on_the_headers_by_load(picker, servers):
+    answer = ask(picker, None, pool(servers), headers_only=True)
+    assert answer.WhichOneof("response") == "request_headers"
+    assert sorted(chosen(answer)) == sorted(servers.endpoints)
+
+
+def test_without_candidates_the_picker_changes_nothing(picker):
+    """Envoy then picks by least request: no endpoint named, no metadata."""
+    answer = ask(picker, {"model": "m", "prompt": "hello"})
+    assert answer.WhichOneof("response") == "request_body"
+    assert not answer.dynamic_metadata.fields
+    assert not answer.request_body.response.header_mutation.set_headers
+
+
+def test_the_picker_and_the_simulator_cut_a_prompt_into_the_same_blocks():
+    """The picker's view of a server's cache is only as good as this agreement."""
+    body = chat("alpha", 2)
+    text = prompt.prompt_text(body)
+    assert text.startswith("system\n" + SYSTEM)
+    size = prompt.block_chars()
+    hashes = prompt.block_hashes(text, size)
+    assert len(hashes) == len(text) // size == len(text) // 64
+    longer = prompt.block_hashes(prompt.prompt_text(chat("alpha", 3)), size)
+    shared = len(prompt.prompt_text(chat("alpha", 2)).rsplit("\nuser\n", 1)[0]) // size
+    assert longer[:shared] == hashes[:shared]  # one conversation: a common prefix
+    assert prompt.block_hashes(text, size, limit=5) == hashes[:5]
+
+
+async def _post(url: str, body: bytes) -> None:
+    async with aiohttp.ClientSession() as session, session.post(
+        url, data=body, headers={"content-type": "application/json"}
+    ) as response:
+        await response.read()
+
+
+def _waiting(servers: Servers, index: int) -> float:
+    with urllib.request.urlopen(f"http://{servers.endpoints[index]}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:num_requests_waiting{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
