@@ -22,7 +22,12 @@ import grpc
 
 from controlplane._gen.switchyard_metrics import metrics_service_pb2, prometheus_metrics_pb2
 from controlplane.config import parse_config
-from controlplane.health.envoy_stats import METHOD, EnvoyStatsReceiver
+from controlplane.health.envoy_stats import (
+    METHOD,
+    EnvoyStatsReceiver,
+    read_flush,
+    read_flush_bytes,
+)
 from controlplane.health.signals import HealthSignals
 from controlplane.service import Stack
 from controlplane.xds.resources import stats_name
@@ -92,6 +97,46 @@ def latency(cluster: str, samples_ms: list[float], name: str = "cluster.upstream
         count = sum(1 for sample in samples_ms if sample <= bound)
         metric.histogram.bucket.add(cumulative_count=count, upper_bound=bound)
     return found
+
+
+def gauge(name: str, cluster: str, value: float):
+    found = prometheus_metrics_pb2.MetricFamily(name=name, type=prometheus_metrics_pb2.GAUGE)
+    metric = found.metric.add()
+    metric.label.add(name="envoy.cluster_name", value=cluster)
+    metric.gauge.value = value
+    return found
+
+
+def test_a_flush_read_from_its_bytes_is_read_as_parsed() -> None:
+    """At fleet size a flush holds ~19 stats per version cluster whatever its traffic; the
+    receiver finds the few it reads in the serialized message instead of parsing them all."""
+    idle = [
+        factory(f"cluster.{stat}", f"m{i}@v1", 1.0)
+        for i in range(50)
+        for stat, factory in (("membership_healthy", gauge), ("membership_total", gauge),
+                              ("health_check.attempt", family), ("upstream_rq_timeout", family),
+                              ("upstream_rq_retry_overflow", family))
+    ]  # fmt: skip
+    busy = [
+        responses("m3@v1", "2", 10), responses("m3@v1", "5", 2), latency("m3@v1", [1, 20, 300]),
+        gauge("cluster.upstream_rq_active", "m4@v1", 3), family("cluster.upstream_rq_retry",
+        "m3@v1", 1), responses("m3@v1", "2", 99, name="cluster.external.upstream_rq_xx"),
+        responses("qwen-2", "2", 4, name="cluster.5@v1.upstream_rq_xx"),
+        gauge("cluster.5@v1.membership_healthy", "qwen-2", 1),
+    ]  # fmt: skip
+    for families in (idle, idle + busy, busy):
+        flush = message("envoy-1", *families)
+        expected = read_flush(flush.envoy_metrics)
+        found = read_flush_bytes(flush.SerializeToString())
+        assert found is not None
+        assert {name: vars(tally) for name, tally in found.items()} == {
+            name: vars(tally) for name, tally in expected.items()
+        }
+    assert read_flush_bytes(message("envoy-1", *idle).SerializeToString()) == {}
+    tallies = read_flush_bytes(message(None, *idle, *busy).SerializeToString())
+    assert (tallies["m3@v1"].requests, tallies["m3@v1"].server_errors) == (12, 2)
+    assert tallies["m3@v1"].healthy_hosts == 1.0 and tallies["qwen-2.5@v1"].requests == 4
+    assert read_flush_bytes(b"\x12\x05garbage.upstream_rq_xx\x18") is None  # parsed instead
 
 
 def message(node: str | None, *families):

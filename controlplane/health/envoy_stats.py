@@ -45,14 +45,17 @@ cluster names.
 Cost: this runs on the control plane's event loop, once a second per Envoy. A flush carries
 every used stat of that Envoy, one MetricFamily each: ~210 families and 24 KB with three model
 clusters, 52 KB with 23 (the first message of a stream also carries the Envoy's node, ~60 KB),
-and ~40,000 families (~3 MB) with 1,000 models of two versions, ~19 per version cluster
-whether it has traffic or not (health checks, membership, updates). Parsing is protobuf's C
-code; the loop here skips every family but the wanted ones by one dict lookup and one
-`endswith`, keeps the healthy-host gauge (which every cluster has) aside for the clusters
-with something to report, and emits nothing for clusters without traffic in that second.
-What remains is per family: ~20-30 ms of Python a flush at 1,000 models (docs/benchmarks.md,
-section 11). A stats_matcher in the bootstrap could cut the flush to ~2 KB, but it applies
-to all of Envoy's stats (/stats, Prometheus).
+and ~40,000-90,000 families (~3-7 MB) with 1,000 models of two versions: ~19 per version
+cluster whatever its traffic (health checks, membership, updates). Parsing all of it and
+looking at each family in Python took ~40-70 ms a flush at 1,000 models. So the stream's
+messages arrive as bytes and `read_flush_bytes` finds the families it reads by their
+serialized names (`bytes.find`, in C): the activity stats first, then, only for the
+clusters that have some, their healthy-host gauges; only those families are parsed (an
+idle 1,000-model flush: ~8 ms of scans, nothing parsed). A message laid out otherwise is
+parsed whole (`read_flush`, which skips every family but the wanted ones by one dict lookup
+and one `endswith`). Clusters without traffic in that second emit nothing. A stats_matcher
+in the bootstrap could cut the flush to ~2 KB, but it applies to all of Envoy's stats
+(/stats, Prometheus).
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from controlplane import logs
-from controlplane._gen.switchyard_metrics import metrics_service_pb2
+from controlplane._gen.switchyard_metrics import metrics_service_pb2, prometheus_metrics_pb2
 from controlplane.health.signals import Delta, HealthSignals, Histogram
 from controlplane.state import State
 from controlplane.xds.resources import stats_name
@@ -191,6 +195,94 @@ def read_flush(families: Iterable) -> dict[str, Tally]:
     return tallies
 
 
+# The stats that say a cluster had something to do, searched for in the serialized flush;
+# the healthy-host gauge (every cluster has one) only when one of them was found.
+ACTIVITY = tuple(sorted(WANTED - {HEALTHY}))
+_NAME_TAGS = frozenset({0x12, 0x18, 0x22})  # a MetricFamily's fields after its name
+
+
+def read_flush_bytes(data: bytes) -> dict[str, Tally] | None:
+    """`read_flush` of a serialized StreamMetricsMessage without parsing all of it: the
+    families read are found by their serialized names (`bytes.find`, in C) and only those
+    are parsed, so the tens of thousands of other families of a large fleet's flush never
+    become Python objects, and an idle flush costs a few scans. The healthy-host gauges are
+    read only for the clusters with something to report. None when the bytes are not laid
+    out as expected: the caller parses the whole message then."""
+    families = _families(data, ACTIVITY)
+    if not families:
+        return families if families is None else {}
+    clusters = {
+        label.value.encode()
+        for family in families
+        for metric in family.metric
+        for label in metric.label
+        if label.name == CLUSTER_LABEL
+    }
+    healthy = _families(data, (HEALTHY,), clusters)
+    return None if healthy is None else read_flush(families + healthy)
+
+
+_CLUSTER_LABEL = b"\x0a\x12" + CLUSTER_LABEL.encode() + b"\x12"  # a LabelPair's name, then value
+
+
+def _families(data: bytes, stats: tuple[str, ...], clusters: set[bytes] | None = None):
+    """Every MetricFamily of `data` whose name ends with `.<stat>` for one of `stats` (with
+    `clusters`, only those whose cluster label is one of them); None if one looks wrong."""
+    found = []
+    for stat in stats:
+        needle = f".{stat}".encode()
+        at = data.find(needle)
+        while at != -1:
+            end = at + len(needle)
+            if end < len(data) and data[end] in _NAME_TAGS:  # the name ends here
+                if clusters is not None and not _labelled(data, end, clusters):
+                    at = data.find(needle, end)
+                    continue
+                family = _family_ending_at(data, end)
+                if family is None:
+                    return None
+                found.append(family)
+            at = data.find(needle, end)
+    return found
+
+
+def _labelled(data: bytes, end: int, clusters: set[bytes]) -> bool:
+    """Whether the family whose name ends at `end` is labelled with one of `clusters` (its
+    first metric's cluster label follows the name closely); True when that cannot be told."""
+    label = data.find(_CLUSTER_LABEL, end, end + 64)
+    if label == -1:
+        return True
+    start = label + len(_CLUSTER_LABEL) + 1
+    return data[start : start + data[start - 1]] in clusters
+
+
+def _family_ending_at(data: bytes, end: int):
+    """The MetricFamily whose name (field 1) ends at `end`: the name starts with `cluster.`,
+    after its tag and one-byte length; the family is an element of `envoy_metrics` (field 2),
+    its length a varint right before it."""
+    start = data.rfind(PREFIX.encode(), max(0, end - 127), end)
+    if start < 2 or data[start - 2] != 0x0A or data[start - 1] != end - start:
+        return None
+    begin, size, shift = start - 2, 0, 0
+    for width in (1, 2, 3, 4):  # the varint before `begin`, read backwards
+        if begin - width - 1 < 0:
+            return None
+        head = data[begin - width : begin]
+        varint = head[-1] < 0x80 and all(byte >= 0x80 for byte in head[:-1])
+        if varint and data[begin - width - 1] == 0x12:
+            for byte in head:
+                size |= (byte & 0x7F) << shift
+                shift += 7
+            break
+    else:
+        return None
+    try:
+        family = prometheus_metrics_pb2.MetricFamily.FromString(data[begin : begin + size])
+    except DecodeError:
+        return None
+    return family if family.name == data[start:end].decode() else None
+
+
 def _add_histogram(tally: Tally, histogram) -> None:
     """Envoy's buckets are cumulative within the interval, without +Inf: sample_count is."""
     if not histogram.sample_count:
@@ -231,7 +323,7 @@ class EnvoyStatsReceiver:
         """Serve the MetricsService on `server` (the ADS server: Envoys already reach it)."""
         handler = grpc.stream_unary_rpc_method_handler(
             self.StreamMetrics,
-            request_deserializer=metrics_service_pb2.StreamMetricsMessage.FromString,
+            request_deserializer=None,  # the flush as bytes: on_flush reads what it needs
             response_serializer=metrics_service_pb2.StreamMetricsResponse.SerializeToString,
         )
         server.add_generic_rpc_handlers(
@@ -244,7 +336,8 @@ class EnvoyStatsReceiver:
         try:
             async for message in request_iterator:
                 if not node:
-                    node = message.identifier.node.id or context.peer()
+                    first = metrics_service_pb2.StreamMetricsMessage.FromString(message)
+                    node = first.identifier.node.id or context.peer()
                     self.streams[key] = node
                     logs.event(log, "envoy_stats.connected", node=node, stream=key)
                 try:
@@ -257,11 +350,17 @@ class EnvoyStatsReceiver:
         return metrics_service_pb2.StreamMetricsResponse()
 
     def on_flush(self, node: str, message) -> int:
-        """Push one flush's Deltas; returns how many."""
+        """Push one flush's Deltas (`message`: a StreamMetricsMessage, or its bytes); returns
+        how many."""
         self.flushes += 1
         now = self.clock()
         pushed = 0
-        for name, tally in read_flush(message.envoy_metrics).items():
+        tallies = read_flush_bytes(message) if isinstance(message, bytes) else None
+        if tallies is None:
+            if isinstance(message, bytes):
+                message = metrics_service_pb2.StreamMetricsMessage.FromString(message)
+            tallies = read_flush(message.envoy_metrics)
+        for name, tally in tallies.items():
             delta = tally.to_delta(now, node) if "@" in name else None  # else not a version
             if delta is not None:
                 self.signals.add_cluster(self._cluster(name), delta)
