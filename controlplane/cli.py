@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV-cache size, which the prefix cache shares")
     sim.add_argument("--block-size", type=int, default=16,
                      help="tokens per prefix-cache block (a token is 4 characters)")
+    sim.add_argument("--max-loras", type=int, default=8,
+                     help="LoRA adapters loaded at once (a load beyond is refused)")
+    sim.add_argument("--lora-load-ms", type=float, default=0.0,
+                     help="time a LoRA adapter takes to load")
 
     picker = command("picker", cmd_picker, "run the endpoint picker (an Envoy ext_proc service)")
     picker.add_argument("--listen", required=True, help="host:port of its gRPC service")
@@ -246,6 +250,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             kv_cache_tokens=args.kv_cache_tokens,
             block_size=args.block_size,
+            max_loras=args.max_loras,
+            lora_load_ms=args.lora_load_ms,
             wake_ms=args.wake_ms,
             startup_ms=args.startup_ms,
         ),

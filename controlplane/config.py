@@ -100,6 +100,10 @@ class SimBackend(Strict):
     max_num_seqs: StrictInt = Field(256, ge=1)
     kv_cache_tokens: StrictInt = Field(262144, ge=16)
     block_size: StrictInt = Field(16, ge=1, le=1024)
+    # LoRA adapters (a base of adapter versions): how many it holds at once, how long a
+    # load takes.
+    max_loras: StrictInt = Field(8, ge=1, le=1024)
+    lora_load_ms: float = Field(0.0, ge=0)
 
 
 DEFAULT_VLLM_COMMAND = ("vllm", "serve", "{model}")

@@ -587,3 +587,137 @@ async def test_shutdown_does_not_wait_for_hanging_requests(start_sim: StartSim) 
         await pending
     assert caught.value.status_code == 503
     assert "shutting down" in caught.value.message
+
+
+# -- LoRA adapters: limits, metrics, faults of one adapter --------------------------------------
+
+
+def _adapter_dir(tmp_path: Path, name: str) -> str:
+    path = tmp_path / name
+    path.mkdir(exist_ok=True)
+    (path / "adapter_config.json").write_text("{}")
+    return str(path)
+
+
+async def _load(sim: Sim, tmp_path: Path, name: str) -> tuple[int, Any]:
+    body = {"lora_name": name, "lora_path": _adapter_dir(tmp_path, name)}
+    status, reply, _ = await sim.request("POST", "/v1/load_lora_adapter", json=body)
+    return status, reply
+
+
+def lora_info(samples: dict[Any, float]) -> dict[str, str]:
+    """The labels of vLLM's lora_requests_info series with the newest time: the present."""
+    series = [(value, dict(labels)) for (name, labels), value in samples.items()
+              if name == "vllm:lora_requests_info"]  # fmt: skip
+    return max(series, key=lambda pair: pair[0])[1]
+
+
+@pytest.mark.asyncio
+async def test_a_full_server_refuses_one_more_adapter_until_one_is_unloaded(
+    start_sim: StartSim, tmp_path
+) -> None:
+    sim = await start_sim(max_loras=2)
+    assert (await _load(sim, tmp_path, "a"))[0] == 200
+    assert (await _load(sim, tmp_path, "b"))[0] == 200
+    status, body = await _load(sim, tmp_path, "c")
+    assert status == 400
+    assert body["error"]["message"] == (
+        "Cannot load LoRA adapter 'c': 2 adapters are loaded, the most this server holds "
+        "(max_loras 2). Unload one first.")  # fmt: skip
+    listed = [m["id"] for m in (await sim.request("GET", "/v1/models"))[1]["data"]]
+    assert listed == [MODEL, "a", "b"]  # the refused one is not half there
+    with pytest.raises(openai.NotFoundError):
+        await sim.client.completions.create(model="c", prompt="x", max_tokens=1)
+    await sim.request("POST", "/v1/unload_lora_adapter", json={"lora_name": "a"})
+    assert (await _load(sim, tmp_path, "c"))[0] == 200
+    reply = await sim.client.completions.create(model="c", prompt="x", max_tokens=1)
+    assert reply.model == "c"
+
+
+@pytest.mark.asyncio
+async def test_an_adapter_is_not_served_before_its_load_is_done(
+    start_sim: StartSim, tmp_path
+) -> None:
+    sim = await start_sim(lora_load_ms=400)
+    loading = asyncio.create_task(_load(sim, tmp_path, "slow"))
+    await asyncio.sleep(0.15)
+    with pytest.raises(openai.NotFoundError):
+        await sim.client.completions.create(model="slow", prompt="x", max_tokens=1)
+    assert (await _load(sim, tmp_path, "slow"))[0] == 400  # already being loaded
+    assert (await loading)[0] == 200
+    reply = await sim.client.completions.create(model="slow", prompt="x", max_tokens=1)
+    assert reply.model == "slow"
+
+
+@pytest.mark.asyncio
+async def test_lora_requests_info_names_the_adapters_running_and_waiting(
+    start_sim: StartSim, tmp_path
+) -> None:
+    sim = await start_sim(max_loras=3, max_num_seqs=1, ttft_ms=300)
+    assert lora_info(await sim.metrics()) == {
+        "max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": ""}  # fmt: skip
+    await _load(sim, tmp_path, "alpha")
+    await _load(sim, tmp_path, "beta")
+    first = asyncio.create_task(
+        sim.client.completions.create(model="alpha", prompt="x", max_tokens=1))  # fmt: skip
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(
+        sim.client.completions.create(model="beta", prompt="x", max_tokens=1))  # fmt: skip
+    await asyncio.sleep(0.1)
+    assert lora_info(await sim.metrics()) == {
+        "max_lora": "3", "running_lora_adapters": "alpha",
+        "waiting_lora_adapters": "beta"}  # fmt: skip
+    await asyncio.gather(first, second)
+    assert lora_info(await sim.metrics())["running_lora_adapters"] == ""
+
+
+@pytest.mark.asyncio
+async def test_a_fault_of_one_adapter_leaves_the_base_and_the_others_serving(
+    sim: Sim, tmp_path
+) -> None:
+    await _load(sim, tmp_path, "good")
+    await _load(sim, tmp_path, "bad")
+    status, body, _ = await sim.request(
+        "POST", "/sim/faults", json={"adapter": "bad", "error_rate": 1.0, "status": 503})
+    assert (status, body) == (200, {"error_rate": 1.0, "status": 503})
+    assert (await sim.request("GET", "/sim/faults"))[1] == {
+        "adapters": {"bad": {"error_rate": 1.0, "status": 503}}}  # fmt: skip
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await sim.client.completions.create(model="bad", prompt="x", max_tokens=1)
+        assert caught.value.status_code == 503
+        assert (await sim.client.completions.create(model=MODEL, prompt="x",
+                                                    max_tokens=1)).model == MODEL  # fmt: skip
+        assert (await sim.client.completions.create(model="good", prompt="x",
+                                                    max_tokens=1)).model == "good"  # fmt: skip
+    # A hang of the adapter holds its requests only, until cleared.
+    await sim.request("DELETE", "/sim/faults?adapter=bad")
+    await sim.request("POST", "/sim/faults", json={"adapter": "bad", "hang": True})
+    held = asyncio.create_task(
+        sim.client.completions.create(model="bad", prompt="x", max_tokens=1))  # fmt: skip
+    await asyncio.sleep(0.3)
+    assert not held.done()
+    await sim.client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert (await sim.request("DELETE", "/sim/faults?adapter=bad"))[0] == 200
+    assert (await held).model == "bad"
+    assert (await sim.request("GET", "/sim/faults"))[1] == {}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"adapter": "nowhere", "error_rate": 1.0}, 404, "adapter"),
+        ({"adapter": "loaded", "sleep_ms": 10}, 400, "sleep_ms"),
+        ({"adapter": "loaded", "error_rate": 3}, 400, "error_rate"),
+    ],
+)
+async def test_bad_adapter_faults_are_refused_and_change_nothing(
+    sim: Sim, tmp_path, body: dict[str, Any], status: int, field: str
+) -> None:
+    await _load(sim, tmp_path, "loaded")
+    got, reply, _ = await sim.request("POST", "/sim/faults", json=body)
+    assert (got, reply["error"]["field"]) == (status, field)
+    assert (await sim.request("GET", "/sim/faults"))[1] == {}
+    assert (await sim.client.completions.create(model="loaded", prompt="x",
+                                                max_tokens=1)).model == "loaded"  # fmt: skip

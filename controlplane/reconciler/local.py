@@ -560,6 +560,7 @@ class LocalRuntime:
                 "--max-num-seqs", str(sim.max_num_seqs),
                 "--kv-cache-tokens", str(sim.kv_cache_tokens),
                 "--block-size", str(sim.block_size),
+                "--max-loras", str(sim.max_loras), "--lora-load-ms", str(sim.lora_load_ms),
                 "--version", record.version,
             ]  # fmt: skip
             if len(record.members) > 1:

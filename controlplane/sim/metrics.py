@@ -7,7 +7,9 @@ the values are turned into metric families on scrape by a custom collector. Each
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -67,10 +69,35 @@ class Histogram:
         return family
 
 
+class LoraInfo:
+    """vLLM's `vllm:lora_requests_info`: a gauge whose labels name the adapters with requests
+    running and waiting (comma-separated) and `max_lora`, set to the time of the last
+    update. vLLM keeps every label combination it ever set, each with the time it last held:
+    the newest is the present."""
+
+    def __init__(self, max_lora: int) -> None:
+        self.max_lora = str(max_lora)
+        self.running: Counter[str] = Counter()  # adapter -> its requests running
+        self.waiting: Counter[str] = Counter()
+        self.seen: dict[tuple[str, str], float] = {}  # (running, waiting) -> when last true
+
+    def family(self) -> GaugeMetricFamily:
+        running = ",".join(name for name, count in self.running.items() if count > 0)
+        waiting = ",".join(name for name, count in self.waiting.items() if count > 0)
+        self.seen[(running, waiting)] = time.time()
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Running stats on lora requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )  # fmt: skip
+        for (run, wait), when in self.seen.items():
+            family.add_metric([self.max_lora, run, wait], when)
+        return family
+
+
 class SimMetrics:
     """The counters, gauges and histograms of one simulated vLLM server."""
 
-    def __init__(self, model: str, kv_cache_tokens: int = 65536) -> None:
+    def __init__(self, model: str, kv_cache_tokens: int = 65536, max_loras: int = 8) -> None:
         self.model = model
         self.running = 0
         self.waiting = 0
@@ -86,6 +113,7 @@ class SimMetrics:
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.queue = Histogram(E2E_BUCKETS)  # vLLM's request_queue_time buckets
+        self.lora = LoraInfo(max_loras)  # as vLLM started with --enable-lora
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -155,6 +183,7 @@ class SimMetrics:
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.", self.model,
         )
+        yield self.lora.family()
 
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4, what vLLM serves)."""

@@ -55,6 +55,9 @@ _GARBAGE_JSON = [json.dumps(word) for word in GARBAGE]
 JSON_TYPE = "application/json"
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like vLLM's pydantic output
 _FAULT_KEYS = ("error_rate", "status", "ttft_ms", "itl_ms", "hang", "sleep_ms", "wake_ms")
+# What a fault given for one LoRA adapter (`"adapter": "<lora_name>"`) may set: its requests
+# only. Sleep and wake are the whole server's.
+_ADAPTER_FAULT_KEYS = ("error_rate", "status", "ttft_ms", "itl_ms", "hang")
 
 
 @dataclass
@@ -79,6 +82,10 @@ class SimConfig:
     # turns (one compute budget per server), so a cache miss also delays what comes after.
     # 0.1 ms is an 8B model's ~10,000 prefill tokens per second on one GPU.
     prefill_ms_per_token: float = 0.1
+    # LoRA adapters loaded at run time: at most this many at once (a load beyond is a 400),
+    # each load taking `lora_load_ms` (vLLM reads the adapter's weights from disk).
+    max_loras: int = 8
+    lora_load_ms: float = 0.0
 
 
 class RequestError(Exception):
@@ -168,7 +175,7 @@ class Sim:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.model = config.model
-        self.metrics = SimMetrics(config.model, config.kv_cache_tokens)
+        self.metrics = SimMetrics(config.model, config.kv_cache_tokens, config.max_loras)
         self.headers = {"x-sim-version": config.version} if config.version else {}
         if config.replica is not None:
             self.headers["x-sim-replica"] = str(config.replica)
@@ -187,6 +194,8 @@ class Sim:
         self._awake.set()
         self._garbage = False  # level 2 discarded the weights; only reload_weights fixes that
         self.adapters: dict[str, str] = {}  # LoRA adapters loaded at run time: name -> path
+        self.adapter_faults: dict[str, dict[str, Any]] = {}  # faults of one adapter's requests
+        self._loading: set[str] = set()  # adapters whose load is under way (lora_load_ms)
         self._slots = asyncio.Semaphore(config.max_num_seqs)
         self._prefix: OrderedDict[int, None] = OrderedDict()  # cached prompt blocks (hashes)
         self._block_chars = block_chars(config.block_size)
@@ -384,34 +393,70 @@ class Sim:
         except RequestError as exc:
             return self._error(exc.status, exc.message, exc.kind, exc.param)
 
+        model = body.get("model") or self.model
+        extra_ttft_s = extra_itl_s = 0.0
+        if self.adapter_faults and model in self.adapter_faults:
+            early = await self._adapter_gate(request, model)
+            if early is not None:
+                return early
+            faults = self.adapter_faults.get(model, {})
+            extra_ttft_s = faults.get("ttft_ms", 0.0) / 1000.0
+            extra_itl_s = faults.get("itl_ms", 0.0) / 1000.0
         metrics = self.metrics
+        lora = metrics.lora if model != self.model else None
         held = prompt_tokens + tokens  # KV-cache tokens this request holds while it runs
         if self._slots.locked():  # max_num_seqs running: wait in the queue, as vLLM does
             metrics.waiting += 1
+            if lora is not None:
+                lora.waiting[model] += 1
             try:
                 await self._slots.acquire()
             finally:
                 metrics.waiting -= 1
+                if lora is not None:
+                    lora.waiting[model] -= 1
         else:
             await self._slots.acquire()
         metrics.queue.observe(time.perf_counter() - arrival)
         metrics.running += 1
         metrics.kv_tokens += held
+        if lora is not None:
+            lora.running[model] += 1
         try:
             cached = self._prefix_cached(text, prompt_tokens)
-            ttft_s = self._ttft_s + self._prefill(prompt_tokens - cached)
-            model = body.get("model") or self.model
+            ttft_s = self._ttft_s + extra_ttft_s + self._prefill(prompt_tokens - cached)
             if body.get("stream"):
                 options = body.get("stream_options")
                 usage = isinstance(options, dict) and bool(options.get("include_usage"))
                 return await self._stream(request, chat, arrival, prompt_tokens, tokens, reason,
-                                          usage, ttft_s, model)
+                                          usage, ttft_s, model, extra_itl_s)
             return await self._complete(request, chat, arrival, prompt_tokens, tokens, reason,
-                                        ttft_s, model)
+                                        ttft_s, model, extra_itl_s)
         finally:
             metrics.running -= 1
             metrics.kv_tokens -= held
+            if lora is not None:
+                lora.running[model] -= 1
             self._slots.release()
+
+    async def _adapter_gate(self, request: web.Request, model: str) -> web.Response | None:
+        """One adapter's faults (`POST /sim/faults {"adapter": ...}`): a hang holds its
+        requests until cleared, an error rate fails them; the base model is untouched."""
+        while self.adapter_faults.get(model, {}).get("hang"):
+            transport = request.transport
+            if self._closing or transport is None or transport.is_closing():
+                return self._gone()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._faults_changed.wait(), POLL_S)
+        faults = self.adapter_faults.get(model, {})
+        rate = float(faults.get("error_rate", 0.0))
+        if rate > 0 and (rate >= 1.0 or self._rng.random() < rate):
+            status = int(faults.get("status", 500))
+            self.metrics.success["error"] += 1
+            response = self._error(status, f"Injected fault: status {status} (adapter {model}).")
+            response.headers["x-sim-fault"] = "error_rate"
+            return response
+        return None
 
     def _prefix_cached(self, text: str, prompt_tokens: int) -> int:
         """vLLM's automatic prefix caching, per server: the prompt's full blocks, each hash
@@ -452,10 +497,10 @@ class Sim:
 
     async def _complete(self, request: web.Request, chat: bool, arrival: float,
                         prompt_tokens: int, tokens: int, reason: str, ttft_s: float,
-                        model: str) -> web.StreamResponse:
+                        model: str, extra_itl_s: float = 0.0) -> web.StreamResponse:
         """A non-streaming answer, after the same wait the stream would have taken."""
         metrics = self.metrics
-        itl_s = self._itl_s
+        itl_s = self._itl_s + extra_itl_s
         if ttft_s > 0 and not await self._pause(request, ttft_s):
             metrics.finish("abort", prompt_tokens, 0, time.perf_counter() - arrival)
             return self._gone()
@@ -497,10 +542,10 @@ class Sim:
 
     async def _stream(self, request: web.Request, chat: bool, arrival: float,
                       prompt_tokens: int, tokens: int, reason: str, include_usage: bool,
-                      ttft_s: float, model: str) -> web.StreamResponse:
+                      ttft_s: float, model: str, extra_itl_s: float = 0.0) -> web.StreamResponse:
         """SSE chunks written as they are produced; with no inter-token latency, in one write."""
         metrics = self.metrics
-        itl_s = self._itl_s
+        itl_s = self._itl_s + extra_itl_s
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(128):032x}"
         obj = "chat.completion.chunk" if chat else "text_completion"
         model_json = self._model_json if model == self.model else json.dumps(model)
@@ -691,13 +736,24 @@ class Sim:
             name, path = body["lora_name"], body["lora_path"]
         except (ValueError, TypeError, KeyError):
             return self._error(400, "lora_name and lora_path are required")
-        if name in self.adapters:
+        if name in self.adapters or name in self._loading:
             return self._error(400, f"The lora adapter '{name}' has already been loaded. If you "
                                "want to load the adapter in place, set 'load_inplace' to True.",
                                "InvalidUserInput")  # fmt: skip
         if not os.path.isfile(os.path.join(str(path), "adapter_config.json")):
             return self._error(404, f"Loading lora {name} failed: No adapter found for {path}",
                                "NotFoundError")  # fmt: skip
+        limit = self.config.max_loras
+        if len(self.adapters) + len(self._loading) >= limit:
+            return self._error(400, f"Cannot load LoRA adapter '{name}': {len(self.adapters)} "
+                               f"adapters are loaded, the most this server holds (max_loras "
+                               f"{limit}). Unload one first.", "InvalidUserInput")  # fmt: skip
+        if self.config.lora_load_ms > 0:  # reading the weights: not served until done
+            self._loading.add(name)
+            try:
+                await asyncio.sleep(self.config.lora_load_ms / 1000.0)
+            finally:
+                self._loading.discard(name)
         self.adapters[name] = str(path)
         self._models_body = self._list_models()
         logs.event(log, "sim adapter loaded", model=self.model, adapter=name)
@@ -712,19 +768,30 @@ class Sim:
         if self.adapters.pop(name, None) is None:
             return self._error(404, f"The lora adapter '{name}' cannot be found.",
                                "NotFoundError")
+        if self.adapter_faults.pop(name, None) is not None:
+            self._apply_faults()  # its held requests end (their model is gone: 404)
         self._models_body = self._list_models()
+        logs.event(log, "sim adapter unloaded", model=self.model, adapter=name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.",
                             headers=self.headers)  # fmt: skip
 
     # -- faults ------------------------------------------------------------------------------
 
     async def get_faults(self, request: web.Request) -> web.Response:
+        """The server's faults, and each adapter's under `adapters`."""
+        if self.adapter_faults:
+            return self._json({**self.faults, "adapters": self.adapter_faults})
         return self._json(self.faults)
 
     async def delete_faults(self, request: web.Request) -> web.Response:
-        self.faults = {}
+        """Clear every fault, or only one adapter's with `?adapter=<lora_name>`."""
+        adapter = request.query.get("adapter")
+        if adapter is not None:
+            self.adapter_faults.pop(adapter, None)
+        else:
+            self.faults, self.adapter_faults = {}, {}
         self._apply_faults()
-        logs.event(log, "sim faults cleared", model=self.model)
+        logs.event(log, "sim faults cleared", model=self.model, adapter=adapter or "-")
         return self._json(self.faults)
 
     async def post_faults(self, request: web.Request) -> web.Response:
@@ -734,6 +801,8 @@ class Sim:
             return self._fault_error("fault body is not valid JSON", None)
         if not isinstance(body, dict):
             return self._fault_error("fault body must be a JSON object", None)
+        if "adapter" in body:
+            return self._post_adapter_faults(body)
         for key, value in body.items():
             problem = _fault_problem(key, value)
             if problem:
@@ -742,6 +811,29 @@ class Sim:
         self._apply_faults()
         logs.event(log, "sim faults set", model=self.model, faults=json.dumps(self.faults))
         return self._json(self.faults)
+
+    def _post_adapter_faults(self, body: dict[str, Any]) -> web.Response:
+        """Faults of one loaded adapter's requests; the base model and the others serve on."""
+        faults = dict(body)
+        name = faults.pop("adapter")
+        if name not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none"
+            return self._json({"error": {
+                "message": f"no LoRA adapter {name!r} is loaded (loaded: {loaded})",
+                "type": "invalid_request_error", "field": "adapter"}}, 404)  # fmt: skip
+        for key, value in faults.items():
+            if key not in _ADAPTER_FAULT_KEYS:
+                return self._fault_error(
+                    f"{key!r} is not a fault of one adapter; known: "
+                    f"{', '.join(_ADAPTER_FAULT_KEYS)}", key)  # fmt: skip
+            problem = _fault_problem(key, value)
+            if problem:
+                return self._fault_error(problem, key)
+        self.adapter_faults[name] = {**self.adapter_faults.get(name, {}), **faults}
+        self._apply_faults()  # wakes requests held by this adapter's hang
+        logs.event(log, "sim faults set", model=self.model, adapter=name,
+                   faults=json.dumps(self.adapter_faults[name]))  # fmt: skip
+        return self._json(self.adapter_faults[name])
 
     def _fault_error(self, message: str, field: str | None) -> web.Response:
         error = {"message": message, "type": "invalid_request_error", "field": field}
