@@ -156,7 +156,8 @@ class Stack:
         # vLLM's metrics at the resolution of Envoy's stats: a hung engine's unanswered
         # scrape then comes as soon as its requests' silence shows (health/analysis.py).
         self.scraper = VllmScraper(self.controller.state, self.controller.health,
-                                   interval=self.config.health.stats_flush_seconds)  # fmt: skip
+                                   interval=self.config.health.stats_flush_seconds,
+                                   changed=lambda: self.controller.snapshot)  # fmt: skip
         await self.scraper.start()
         if self.with_envoy:
             self.envoy = EnvoySupervisor(self.config, self.state_dir, self.node_id)

@@ -461,3 +461,25 @@ async def test_cold_addresses_are_scraped_in_turn_hot_ones_every_round() -> None
         await scraper.stop()
         for server in servers:
             await server.runner.cleanup()
+
+
+async def test_endpoints_are_worked_out_again_only_when_the_state_changed() -> None:
+    server = Exposition(exposition())
+    url = await server.start()
+    state = fleet_state([url], 2)
+    marker = [object()]  # stands for the controller's snapshot, rebuilt on every change
+    scraper = VllmScraper(state, Recording(), changed=lambda: marker[0])
+    try:
+        await scraper.scrape_once()
+        assert server.gets == 1
+        for model in state.models.values():
+            for version in model.versions.values():
+                version.state = "sleeping"  # without a rebuild: not seen yet
+        await scraper.scrape_once()
+        assert server.gets == 2
+        marker[0] = object()  # the rebuild that follows every such change
+        await scraper.scrape_once()
+        assert server.gets == 2  # nothing active left to scrape
+    finally:
+        await scraper.stop()
+        await server.runner.cleanup()

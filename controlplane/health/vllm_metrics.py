@@ -181,10 +181,18 @@ class VllmScraper:
         signals: HealthSignals,
         interval: float = 1.0,
         timeout: float | None = None,
+        changed: Callable[[], object] | None = None,
     ) -> None:
         self.state = state
         self.signals = signals
         self.interval = interval
+        # A value that is another object whenever endpoints, versions or models may have
+        # changed (the controller's snapshot, rebuilt on each such change): the endpoints to
+        # scrape are worked out again only then. Without it, every round.
+        self._changed = changed
+        self._marker: object = object()
+        self._by_url: dict[str, list[tuple[str, str]]] = {}
+        self._models_at: dict[str, set[str]] = {}  # url -> the models served there
         # Shorter than the interval, so a hung backend never makes a round late.
         self.timeout = timeout if timeout is not None else min(0.8, 0.8 * interval)
         self._previous: dict[Key, Scrape] = {}
@@ -220,12 +228,14 @@ class VllmScraper:
             await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     def targets(self) -> list[Key]:
-        """(model, version, url) of every ready endpoint of every active version."""
+        """(model, version, url) of every ready endpoint of every active version. Not LoRA
+        adapter versions: their endpoints are their base's servers, whose vLLM figures are
+        the base's and every adapter's together (they are judged on Envoy's stats)."""
         return [
             (model.name, version.name, endpoint.url)
             for model in list(self.state.models.values())
             for version in list(model.versions.values())
-            if version.state == "active"
+            if version.state == "active" and version.backend.adapter is None
             for endpoint in list(version.endpoints)
             if endpoint.ready
         ]
@@ -240,7 +250,10 @@ class VllmScraper:
         def due(url: str, members: list[tuple[str, str]]) -> bool:
             if zlib.crc32(url.encode()) % COLD_EVERY == turn:
                 return True
-            return any(model in hot for model, _ in members)
+            models = self._models_at.get(url)
+            if models is None:
+                models = self._models_at[url] = {model for model, _ in members}
+            return not hot.isdisjoint(models)
 
         await self.scrape_once(due)
 
@@ -267,16 +280,20 @@ class VllmScraper:
         """One round over every endpoint (with `due`, the addresses it accepts): each distinct
         address fetched once, concurrently, and parsed once for every version on it; failures
         are logged at debug and skipped."""
-        targets = self.targets()
-        wanted = set(targets)
-        # An endpoint that left (unready, version parked, removed) starts over when it returns.
-        for key in [key for key in self._previous if key not in wanted]:
-            del self._previous[key]
-            self._quiet_pushed.pop(key, None)
-            self._unanswered.discard(key)
-        by_url: dict[str, list[tuple[str, str]]] = {}
-        for model, version, url in targets:
-            by_url.setdefault(url, []).append((model, version))
+        marker = self._changed() if self._changed is not None else object()
+        if marker is not self._marker:  # endpoints may have changed: work them out again
+            self._marker = marker
+            targets = self.targets()
+            wanted = set(targets)
+            # An endpoint that left (unready, parked, removed) starts over when it returns.
+            for key in [key for key in self._previous if key not in wanted]:
+                del self._previous[key]
+                self._quiet_pushed.pop(key, None)
+                self._unanswered.discard(key)
+            self._by_url, self._models_at = {}, {}
+            for model, version, url in targets:
+                self._by_url.setdefault(url, []).append((model, version))
+        by_url = self._by_url
         if due is not None:
             by_url = {url: members for url, members in by_url.items() if due(url, members)}
         if not by_url:

@@ -95,6 +95,7 @@ class LocalRuntime:
         # `url` backends by address: the replicas on it, and the one probe task of each
         self._url_members: dict[str, dict[tuple[str, str, int], tuple[LocalBackend, Replica]]] = {}
         self._url_probes: dict[str, asyncio.Task] = {}
+        self._url_joined: set[str] = set()  # addresses with a replica not yet told the answer
 
     def adopt_url_backends(self) -> None:
         """`url` backends are used as given: in the very first snapshot, so an Envoy that
@@ -440,6 +441,7 @@ class LocalRuntime:
         key = (record.model, record.version, replica.index)
         members = self._url_members.setdefault(url, {})
         members[key] = (record, replica)
+        self._url_joined.add(url)  # the next answer goes to it, changed or not
         if url not in self._url_probes:
             self._url_probes[url] = asyncio.create_task(
                 self._probe_address(url), name=f"probe-{url}"
@@ -457,12 +459,17 @@ class LocalRuntime:
 
     async def _probe_address(self, url: str) -> None:
         """Probe one address every PROBE_INTERVAL_S (+-10 %, so that addresses do not all
-        probe at the same moment) and apply the answer to every replica on it."""
+        probe at the same moment) and apply the answer to every replica on it when it changed
+        or a replica joined (the probe is the only one to set a url replica's readiness)."""
+        last: bool | None = None
         while True:
             healthy = await self._healthy(url) and not await self._is_sleeping(url)  # None: no
             # sleep endpoints, so awake
-            for record, replica in list(self._url_members.get(url, {}).values()):
-                self._apply_probe(record, replica, healthy)
+            if healthy != last or url in self._url_joined:
+                self._url_joined.discard(url)
+                for record, replica in list(self._url_members.get(url, {}).values()):
+                    self._apply_probe(record, replica, healthy)
+                last = healthy
             await asyncio.sleep(PROBE_INTERVAL_S * random.uniform(0.9, 1.1))
 
     def _apply_probe(self, record: LocalBackend, replica: Replica, healthy: bool) -> None:
