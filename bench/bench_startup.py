@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +58,14 @@ def model_config(count: int, backends: list[str]) -> list[dict]:
         }
         for index in range(count)
     ]
+
+
+def max_loras(count: int) -> list[str]:
+    """`--max-loras` for a sim that has it (like vLLM's, it holds 8 adapters by default)."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "controlplane", "sim", "--help"], capture_output=True, text=True
+    ).stdout
+    return ["--max-loras", str(count)] if "--max-loras" in usage else []
 
 
 def load_adapters(backend: str, names: list[str], adapter_dir: Path) -> None:
@@ -150,7 +159,7 @@ def main() -> None:
         for _ in range(args.backends):
             port = free_port()
             argv = [sys.executable, "-m", "controlplane", "sim", "--port", str(port),
-                    "--model", BASE_MODEL]  # fmt: skip
+                    "--model", BASE_MODEL, *max_loras(args.models)]  # fmt: skip
             url = f"http://127.0.0.1:{port}"
             log = tmp_path / f"sim-{port}.log"
             sims.append(stack.enter_context(background(argv, f"{url}/health", log)).pid)
