@@ -24,11 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+from controlplane.adapters import LORA_NAME, LORA_NAME_RULE, Problem, check_adapters
 from controlplane.errors import ConfigError, Invalid
 
 DEFAULT_CONFIG = "switchyard.yaml"
 VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-BACKEND_KINDS = ("sim", "url", "vllm")
+BACKEND_KINDS = ("sim", "url", "vllm", "adapter")
 
 
 class Strict(BaseModel):
@@ -133,12 +134,32 @@ class VllmBackend(Strict):
         return [part.replace("{model}", self.model) for part in command]
 
 
+class AdapterBackend(Strict):
+    """A LoRA adapter served by another model's servers (docs/lora.md): loaded on every ready
+    replica of `base`'s serving versions from `path` (what those servers read: a directory
+    on their machine, or a URI their vLLM resolves), served by them as `lora_name` (default
+    `<model>--<version>`)."""
+
+    base: StrictStr
+    path: StrictStr = Field(min_length=1)
+    lora_name: StrictStr | None = None
+
+    @field_validator("lora_name")
+    @classmethod
+    def _lora_name(cls, value: str | None) -> str | None:
+        if value is not None and not LORA_NAME.match(value):
+            raise ValueError(f"use {LORA_NAME_RULE}")
+        return value
+
+
 class Backend(Strict):
-    """Exactly one of `sim`, `url`, `vllm`. `url` may be a list: one endpoint per server."""
+    """Exactly one of `sim`, `url`, `vllm`, `adapter`. `url` may be a list: one endpoint per
+    server."""
 
     sim: SimBackend | None = None
     url: StrictStr | list[StrictStr] | None = None
     vllm: VllmBackend | None = None
+    adapter: AdapterBackend | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +231,8 @@ class VersionConfig(Strict):
     @model_validator(mode="after")
     def _url_replicas(self) -> VersionConfig:
         urls = self.backend.urls
+        if self.backend.adapter is not None and "replicas" in self.model_fields_set:
+            raise ValueError("replicas: an adapter runs on every replica of its base")
         if urls and "replicas" in self.model_fields_set and self.replicas != len(urls):
             raise ValueError(
                 f"replicas: a url backend has one replica per URL ({len(urls)} given); "
@@ -466,6 +489,13 @@ class Config(Strict):
         duplicate = next((name for name in names if names.count(name) > 1), None)
         if duplicate:
             raise ValueError(f"duplicate model name {duplicate!r}")
+        try:
+            check_adapters(
+                {m.name: [(v.name, v.backend) for v in m.versions] for m in self.models},
+                {m.name: m.routing for m in self.models},
+            )
+        except Problem as problem:
+            raise ValueError(f"{problem.path()}: {problem.message}") from None
         return self
 
 

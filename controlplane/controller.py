@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import logs, metrics
+from controlplane.adapters import Problem, check_adapters
 from controlplane.config import Backend, Config, ModelConfig, VersionConfig
 from controlplane.errors import (
     AckTimeout,
@@ -96,6 +97,9 @@ class Controller:
         self.runtime: Runtime | None = None  # set by the Stack; runs the versions' backends
         self._rebuild_pending = False
         self._dirty_models: set[str] = set()  # whose endpoints changed since the last rebuild
+        # Told a model's name when its endpoints, readiness or weights change: LoRA adapter
+        # versions follow their base's serving replicas (reconciler/adapters.py).
+        self.endpoint_watchers: list[Callable[[str], None]] = []
 
     def rebuild(self, models: Iterable[str] | None = None) -> Snapshot:
         """Build the snapshot of the current state and push it to every Envoy.
@@ -188,6 +192,7 @@ class Controller:
                 self.rebuild(changes)
                 raise
         for model in models:
+            self._tell_watchers(model.name)
             metrics.weight_changes.labels(model.name).inc()
             logs.event(
                 log, "weights.changed", model=model.name, weights=_fmt(model.weights),
@@ -221,6 +226,8 @@ class Controller:
         async with self._changes:
             if config.name in self.state.models:
                 raise Conflict(f"model {config.name!r} already exists", field="name")
+            self._check_adapters(config.name, [(v.name, v.backend) for v in config.versions],
+                                 config.routing, "versions[{}].backend")  # fmt: skip
             for version in config.versions:
                 self._check_runnable(config.name, version.name, version.backend,
                                      f"versions[{version.name}].backend")  # fmt: skip
@@ -258,6 +265,9 @@ class Controller:
                     "a new version joins at weight 0; use a rollout or a weight change",
                     field="weight",
                 )
+            pairs = [(v.name, v.backend) for v in model.versions.values()]
+            self._check_adapters(model_name, [*pairs, (config.name, config.backend)],
+                                 model.routing, "backend")  # fmt: skip
             self._check_runnable(model_name, config.name, config.backend, "backend")
             version = Version.from_config(config, added=True)
             was_removed = version.name in model.removed
@@ -322,6 +332,32 @@ class Controller:
             await self.runtime.remove(model_name, version_name)
         if late is not None:
             raise late
+
+    def _check_adapters(
+        self, model: str, versions: list[tuple[str, Backend]], routing: str, field: str
+    ) -> None:
+        """Refuse, before anything changes, an addition that breaks the rules of LoRA adapter
+        versions (controlplane/adapters.py) in the fleet it would make. `field`: where the
+        backend of a version of `model` is in the request (`{}`: the version's name)."""
+        models = {name: [(v.name, v.backend) for v in m.versions.values()]
+                  for name, m in self.state.models.items()}  # fmt: skip
+        models[model] = versions
+        routes = {name: m.routing for name, m in self.state.models.items()}
+        routes[model] = routing
+        try:
+            check_adapters(models, routes)
+        except Problem as problem:
+            if problem.model != model:  # the addition breaks another model's adapters
+                raise Invalid(f"{problem.path()}: {problem.message}",
+                              field=field.format(versions[-1][0])) from None  # fmt: skip
+            if problem.version is None:
+                raise Invalid(problem.message, field=problem.key) from None
+            where = field.format(problem.version)
+            raise Invalid(problem.message, field=f"{where}.{problem.key}") from None
+
+    def _tell_watchers(self, model_name: str) -> None:
+        for watch in self.endpoint_watchers:
+            watch(model_name)
 
     def _check_runnable(self, model: str, version: str, backend: Backend, field: str) -> None:
         """Refuse, before anything changes, a backend the runtime cannot run (`url` on
@@ -474,6 +510,7 @@ class Controller:
             version.activator = None  # ready again: traffic goes to it directly
         version.endpoints, version.state = endpoints, state
         self._rebuild_soon(model_name)
+        self._tell_watchers(model_name)
         fields = dict(model=model_name, version=version_name, state=state)
         if version.ready != was_ready:
             kind = "backend.ready" if version.ready else "backend.unready"

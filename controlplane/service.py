@@ -31,6 +31,7 @@ from controlplane.notify import Notifier
 from controlplane.picker.supervisor import PickerSupervisor, picker_argv
 from controlplane.proxy import EnvoySupervisor
 from controlplane.reconciler.activator import Activator
+from controlplane.reconciler.adapters import with_adapters
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.reconciler.runtime import Runtime
 from controlplane.rollout.engine import RolloutEngine
@@ -124,6 +125,8 @@ class Stack:
                 self.controller, namespace=default_namespace(), api_client=self.kube_api
             )  # simulator pods use $SWITCHYARD_SIM_IMAGE
             self.controller.runtime = self.runtime
+        # LoRA adapter versions are loaded on their base's servers, whatever runs those.
+        self.runtime = with_adapters(self.runtime, self.controller)
         host, port = split_hostport(self.config.listen.xds)
         try:
             await self.controller.xds.start(

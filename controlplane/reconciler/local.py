@@ -120,8 +120,8 @@ class LocalRuntime:
 
     async def ensure(self, model: str, version: str, backend: Backend) -> None:
         key = (model, version)
-        if key in self.backends:
-            return
+        if key in self.backends or backend.adapter is not None:
+            return  # an adapter runs on its base's servers (reconciler/adapters.py)
         record = self.backends[key] = LocalBackend(model, version, backend)
         if backend.url is not None:
             routed = {ep.url for ep in self._version(record).endpoints if ep.ready}

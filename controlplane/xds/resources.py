@@ -58,6 +58,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from controlplane.config import OPENAI_POST_PATHS, Config, RetryPolicy, split_hostport
 from controlplane.state import Model, State
+from controlplane.xds import lora
 
 LISTENER_NAME = "switchyard"
 SCOPED_ROUTES_NAME = "switchyard"
@@ -197,6 +198,10 @@ def model_clusters(model: Model) -> list[cluster_pb2.Cluster]:
             continue
         members = [hosts_cluster_name(model.name, v) for v in failover_order(model, version)]
         clusters.append(_aggregate_cluster(name, members))
+    served = lora.served_names(model)
+    if served is not None:  # LoRA adapters: the body names the chosen host's version's
+        for cluster in clusters:
+            lora.upstream_rewrite(cluster, served)
     return clusters
 
 
@@ -490,6 +495,7 @@ def build_listener(proxy: ProxySettings) -> listener_pb2.Listener:
                 name="envoy.filters.http.header_mutation", typed_config=_pack(model_to_header)
             ),
             *_picker_filters(proxy),
+            lora.listener_filter(),  # LoRA adapters: a version's routes rewrite the body
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())
             ),
@@ -827,6 +833,7 @@ def model_routes(
     """
     retries, rolling_out = model.retries, model.active_rollout is not None
     picked = proxy is not None and proxy.picker is not None and model.routing == PREFIX_AWARE
+    served = lora.served_names(model)  # LoRA adapters: the body's model per version
     routes = []
     for version in model.versions.values():
         pin = route_components_pb2.Route(
@@ -842,6 +849,8 @@ def model_routes(
             pin.typed_per_filter_config[EXT_PROC].CopyFrom(
                 _picker_on(pool, _subset(model, version.name))
             )
+        if served is not None:
+            lora.rewrite_on(pin.typed_per_filter_config, served[version.name])
         routes.append(pin)
     versions = ", ".join(model.versions)
     routes.append(
@@ -884,6 +893,10 @@ def model_routes(
             version = weighted.name.rpartition("@")[2]
             pool = _picker_on(weighted.name, _subset(model, version), send_body=False)
             weighted.typed_per_filter_config[EXT_PROC].CopyFrom(pool)
+    if served is not None:  # the chosen version's own: a rewrite never draws it again
+        for weighted in route.route.weighted_clusters.clusters:
+            lora.rewrite_on(weighted.typed_per_filter_config,
+                            served[weighted.name.rpartition("@")[2]])  # fmt: skip
     routes.append(route)
     return routes
 

@@ -23,7 +23,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from controlplane.state import Model, State
-from controlplane.xds import resources
+from controlplane.xds import lora, resources
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -270,9 +270,9 @@ class SnapshotBuilder:
         tables, name = self._tables, model.name
         versions = tuple(model.versions)
         routing = model.routing
-        tables[CLUSTER].put(
-            name, (model.stable, versions, routing), lambda: resources.model_clusters(model)
-        )
+        served = lora.served_names(model)  # LoRA adapters: clusters and routes rewrite bodies
+        key = (model.stable, versions, routing, served and tuple(served.values()))
+        tables[CLUSTER].put(name, key, lambda: resources.model_clusters(model))
         ready = tuple(
             tuple(e.url for e in v.endpoints if e.ready) for v in model.versions.values()
         )
@@ -286,7 +286,8 @@ class SnapshotBuilder:
         weights = tuple((v.name, v.weight) for v in model.versions.values())
         rolling_out = model.active_rollout is not None  # retries differ (resources.py)
         tables[ROUTE].put(
-            name, (weights, model.policy, model.retries, rolling_out, routing, picked and ready),
+            name, (weights, model.policy, model.retries, rolling_out, routing, picked and ready,
+                   served and tuple(served.values())),
             lambda: [self._model_routes(model)],
         )  # fmt: skip
 
