@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often it reads each endpoint's vLLM /metrics")  # fmt: skip
     picker.add_argument("--weights", default="prefix=3,queue=2,kv_cache=2,queue_unit=4",
                         help="how much each signal counts in an endpoint's score")  # fmt: skip
-    picker.add_argument("--max-blocks", type=int, default=512,
-                        help="leading prompt blocks (16 tokens) it matches")  # fmt: skip
+    picker.add_argument("--block-size", type=int, default=64,
+                        help="tokens per prompt block it hashes (4 characters each)")
+    picker.add_argument("--max-prefix-tokens", type=int, default=8192,
+                        help="leading prompt tokens it matches")  # fmt: skip
     picker.add_argument("--cache-tokens", type=int, default=262144,
                         help="tokens it remembers per endpoint (the servers' prefix cache)")
 
@@ -277,9 +279,11 @@ def cmd_picker(args: argparse.Namespace) -> int:
             weights[key] = -1.0
         if not weights[key] >= 0 or (key == "queue_unit" and not weights[key] > 0):
             raise CliError(f"--weights: {pair!r}: expected signal=number >= 0", code=2)
-    if args.scrape_interval_ms < 1 or args.max_blocks < 1 or args.cache_tokens < 16:
-        raise CliError("--scrape-interval-ms, --max-blocks and --cache-tokens must be "
-                       "positive (cache at least 16 tokens)", code=2)  # fmt: skip
+    if min(args.scrape_interval_ms, args.block_size, args.max_prefix_tokens) < 1 or (
+        args.cache_tokens < args.block_size
+    ):
+        raise CliError("--scrape-interval-ms, --block-size and --max-prefix-tokens must be "
+                       "positive, --cache-tokens at least one block", code=2)  # fmt: skip
     try:
         split_hostport(args.listen)
         if args.metrics:
@@ -289,7 +293,8 @@ def cmd_picker(args: argparse.Namespace) -> int:
     run(Settings(
         listen=args.listen, metrics=args.metrics,
         scrape_interval_s=args.scrape_interval_ms / 1000, weights=Weights(**weights),
-        max_blocks=args.max_blocks, cache_tokens=args.cache_tokens,
+        block_size=args.block_size, max_prefix_tokens=args.max_prefix_tokens,
+        cache_tokens=args.cache_tokens,
     ))  # fmt: skip
     return 0
 

@@ -286,8 +286,9 @@ class ModelConfig(Strict):
     name: StrictStr
     versions: list[VersionConfig] = Field(min_length=1)
     # How Envoy picks an endpoint inside the version the split chose: least outstanding
-    # requests, or the endpoint picker's prefix-cache and load-aware choice (docs/routing.md).
-    routing: Literal["least_request", "prefix_aware"] = "least_request"
+    # requests, the endpoint picker's prefix-cache and load-aware choice (docs/routing.md),
+    # or round robin (a baseline).
+    routing: Literal["least_request", "prefix_aware", "round_robin"] = "least_request"
     # What happens to the previous stable after a rollout: vLLM sleep level 1 or 2, stopped,
     # or kept running.
     park: Literal["sleep1", "sleep2", "stop", "keep"] = "sleep1"
@@ -356,9 +357,12 @@ class PickerSettings(Strict):
     # How often it reads each endpoint's vLLM /metrics (queue, KV cache).
     scrape_interval_ms: StrictInt = Field(100, ge=10, le=10_000)
     weights: PickerWeights = PickerWeights()
-    # The prompt's first blocks it matches (blocks of 16 tokens, 64 characters): 512 is the
-    # first 8,192 tokens. More costs hashing time on every request.
-    max_blocks: StrictInt = Field(512, ge=1, le=65536)
+    # It matches prompts in blocks of this many tokens (4 characters each, as the simulator
+    # counts them: controlplane/prompt.py), up to `max_prefix_tokens` of each prompt. Coarser
+    # than the engines' 16-token blocks: every block costs hashing time on each request, and
+    # ranking endpoints needs no finer grain.
+    block_size: StrictInt = Field(64, ge=1, le=4096)
+    max_prefix_tokens: StrictInt = Field(8192, ge=1, le=1_048_576)
     # Blocks it remembers per endpoint, in tokens: the servers' prefix cache (their KV cache).
     cache_tokens: StrictInt = Field(262144, ge=16)
 
@@ -413,6 +417,9 @@ class ProxySettings(Strict):
     max_request_bytes: StrictInt = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     # More POST paths routed by `model` like the OpenAI ones (e.g. /v1/rerank, /v1/score).
     extra_paths: list[StrictStr] = []
+    # Envoy writes one JSON line per request here (model, version, status, durations, the
+    # endpoint that served, the picker's time): off when null. A path on Envoy's machine.
+    access_log: StrictStr | None = None
 
     @field_validator("extra_paths")
     @classmethod

@@ -526,6 +526,38 @@ def health() -> dict[str, Any]:
             width=12,
             description="Output tokens per second, summed over the version's backends.",
         ),
+        panel(
+            "Prefix cache hit rate",
+            [
+                target(
+                    "sum by (version) "
+                    f"(rate(vllm:prefix_cache_hits_total{{{VLLM}}}[$__rate_interval])) / "
+                    "sum by (version) "
+                    f"(rate(vllm:prefix_cache_queries_total{{{VLLM}}}[$__rate_interval]))",
+                    "{{version}}",
+                )
+            ],
+            unit="percentunit",
+            width=12,
+            description="Share of the prompt tokens found in the engines' prefix cache (their "
+            "prefill skipped), over the version's backends: what `routing: prefix_aware` "
+            "raises (docs/routing.md).",
+        ),
+        panel(
+            "Endpoint picker choices",
+            [
+                target(
+                    "sum by (version, reason) (rate(switchyard_picker_picks_total"
+                    f"{{{VLLM}}}[$__rate_interval]))",
+                    "{{version}} {{reason}}",
+                )
+            ],
+            unit="reqps",
+            width=12,
+            description="Requests of a `prefix_aware` model the picker placed, by why: "
+            "prefix (an endpoint had part of the prompt), load (none had), none (no "
+            "candidate: Envoy's least request). Absent for other models.",
+        ),
         row("Backends"),
         panel(
             "Ready",

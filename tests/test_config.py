@@ -94,6 +94,9 @@ def test_defaults_and_backend_kinds():
         ({"runtime": "docker"}, "runtime: Input should be 'local' or 'kubernetes'"),
         ({"models": [{"name": "x", "versions": []}]}, "models[x].versions"),
         ({"health": {"stats_flush_seconds": 5}}, "health.stats_flush_seconds"),
+        ({"listen": {"picker": "0.0.0.0:18001"}}, "listen.picker: 0.0.0.0:18001: the endpoint"),
+        ({"models": [{**_model(("v1", 100)), "routing": "magic"}]},
+         "models[llama].routing: Input should be 'least_request', 'prefix_aware' or"),
         (
             {"models": [{"name": "m", "versions": [
                 {"name": "v1", "weight": 100, "replicas": 0, "backend": {"sim": {}}}]}]},

@@ -45,6 +45,7 @@ MODEL = "llama-3-8b"
 MODELS = [
     {
         "name": MODEL,
+        "routing": "prefix_aware",  # so the endpoint picker's panel has data too
         "versions": [
             {"name": "v1", "weight": 100, "backend": {"sim": {"ttft_ms": 5, "itl_ms": 2}}},
             {"name": "v2", "weight": 0, "backend": {"sim": {"ttft_ms": 8, "itl_ms": 2}}},

@@ -212,3 +212,15 @@ def _waiting(servers: Servers, index: int) -> float:
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
 
+
+
+def test_the_picker_reads_real_vllm_metrics():
+    """An exposition captured from vLLM 0.32 (tests/fixtures/vllm/): the series the picker
+    scores on are found there, under vLLM's names and labels."""
+    from pathlib import Path
+
+    from controlplane.picker.load import parse
+
+    found = parse((Path(__file__).parent / "fixtures" / "vllm" / "metrics.txt").read_bytes())
+    assert set(found) == {"waiting", "running", "kv_cache", "queries"}
+    assert found["queries"] > 0

@@ -111,7 +111,7 @@ MODEL: Schema = {
         "traffic_policy": _ref("TrafficPolicy"),
         "routing": {
             "type": "string",
-            "enum": ["least_request", "prefix_aware"],
+            "enum": ["least_request", "prefix_aware", "round_robin"],
             "description": "how an endpoint is picked inside a version (docs/routing.md)",
         },
     },

@@ -40,7 +40,6 @@ from controlplane.picker.load import LoadWatcher
 from controlplane.picker.prefix import PrefixIndex
 from controlplane.picker.scheduler import Weights, rank
 from controlplane.prompt import (
-    BLOCK_TOKENS,
     CHARS_PER_TOKEN,
     block_chars,
     block_hashes,
@@ -77,9 +76,9 @@ class Settings:
     metrics: str | None = None  # host:port of the Prometheus endpoint
     scrape_interval_s: float = 0.1
     weights: Weights = field(default_factory=Weights)
-    max_blocks: int = 512
+    block_size: int = 64  # tokens per block it hashes
+    max_prefix_tokens: int = 8192
     cache_tokens: int = 262144
-    block_size: int = BLOCK_TOKENS
     workers: int = 16
 
 
@@ -93,6 +92,8 @@ class Picker:
         self.watcher = LoadWatcher(settings.scrape_interval_s, self.lock,
                                    on_restart=self._restarted, on_read=self._read)  # fmt: skip
         self._block_chars = block_chars(settings.block_size)
+        self._max_blocks = max(1, settings.max_prefix_tokens // settings.block_size)
+        self._metrics: dict[tuple[str, str], tuple] = {}
 
     # -- the gRPC stream ---------------------------------------------------------------------
 
@@ -121,8 +122,9 @@ class Picker:
         candidates = [e for e in subset.split(",") if e] or _subset_hint(request)
         model, _, version = pool.rpartition("@")
         kind = "request_body" if body is not None else "request_headers"
+        picks, prompt_blocks, matched_blocks = self._series(model, version)
         if not candidates:
-            metrics.picks.labels(model, version, "none").inc()
+            picks["none"].inc()
             return _CONTINUE_BYTES[kind]
         hashes: list[int] = []
         text = ""
@@ -131,7 +133,7 @@ class Picker:
                 text = prompt_text(json.loads(body))
             except (ValueError, RecursionError):  # not JSON: no prefix, load alone
                 text = ""
-            hashes = block_hashes(text, self._block_chars, self.settings.max_blocks)
+            hashes = block_hashes(text, self._block_chars, self._max_blocks)
         ranked = self.choose(candidates, hashes, len(text) // CHARS_PER_TOKEN)
         choice = ",".join(ranked.endpoints)
         response = ext_proc.ProcessingResponse()
@@ -142,12 +144,24 @@ class Picker:
             DESTINATION_HEADER
         ].string_value = choice
         payload = response.SerializeToString()
-        metrics.picks.labels(model, version, ranked.reason).inc()
+        picks[ranked.reason].inc()
         if hashes:
-            metrics.prompt_blocks.labels(model, version).inc(len(hashes))
-            metrics.matched_blocks.labels(model, version).inc(ranked.matched)
+            prompt_blocks.inc(len(hashes))
+            matched_blocks.inc(ranked.matched)
         metrics.pick_seconds.observe(time.perf_counter() - started)
         return payload
+
+    def _series(self, model: str, version: str):
+        """A version's metric series, looked up once (labels() costs on the hot path)."""
+        found = self._metrics.get((model, version))
+        if found is None:
+            found = self._metrics[(model, version)] = (
+                {reason: metrics.picks.labels(model, version, reason)
+                 for reason in ("prefix", "load", "none")},
+                metrics.prompt_blocks.labels(model, version),
+                metrics.matched_blocks.labels(model, version),
+            )  # fmt: skip
+        return found
 
     def choose(self, candidates: list[str], hashes: list[int], tokens: int):
         """Rank the candidates; the first is sent the prompt (counted and remembered)."""

@@ -31,7 +31,8 @@ def picker_argv(settings: PickerSettings, listen: str, metrics: str | None) -> l
         "--scrape-interval-ms", str(settings.scrape_interval_ms),
         "--weights", f"prefix={weights.prefix},queue={weights.queue},"
                      f"kv_cache={weights.kv_cache},queue_unit={weights.queue_unit}",
-        "--max-blocks", str(settings.max_blocks),
+        "--block-size", str(settings.block_size),
+        "--max-prefix-tokens", str(settings.max_prefix_tokens),
         "--cache-tokens", str(settings.cache_tokens),
     ]  # fmt: skip
     if metrics:
