@@ -153,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_version.set_defaults(func=cmd_models_add_version)
     add_version.add_argument("model")
     add_version.add_argument("version", metavar="NAME=BACKEND",
-                             help="e.g. v3=sim, v3=url:URL or v3=url:URL1,URL2")  # fmt: skip
+                             help="e.g. v3=sim, v3=url:URL, v3=url:URL1,URL2, or a "
+                             "LoRA adapter on another model's servers: "
+                             "v3=adapter:BASE=PATH")  # fmt: skip
+    add_version.add_argument("--lora-name", default=None,
+                             help="an adapter's name on its base's servers "
+                             "(default MODEL--VERSION)")  # fmt: skip
     add_version.add_argument("--replicas", type=int, default=None,
                              help="backend processes to run (sim, vllm)")  # fmt: skip
     add_version.add_argument("--no-wait", action="store_true", help="return before it is ready")
@@ -375,11 +380,18 @@ def cmd_models(args: argparse.Namespace) -> int:
                     f"{version['weight']}%",
                     version["state"],
                     _readiness(version),
-                    ",".join(version["endpoints"]) or "-",
+                    _where(version),
                 )
             )
     _print_table(rows)
     return 0
+
+
+def _where(version: dict) -> str:
+    """Its endpoints; an adapter's are its base's servers: `on llama: http://...`."""
+    endpoints = ",".join(version["endpoints"]) or "-"
+    adapter = version.get("backend", {}).get("adapter")
+    return f"on {adapter['base']}: {endpoints}" if adapter else endpoints
 
 
 def _readiness(version: dict) -> str:
@@ -416,6 +428,11 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
 def cmd_models_add_version(args: argparse.Namespace) -> int:
     name, backend = parse_version(args.version)
+    if args.lora_name is not None:
+        if "adapter" not in backend:
+            raise CliError("--lora-name is for an adapter version (NAME=adapter:BASE=PATH)",
+                           code=2)  # fmt: skip
+        backend["adapter"]["lora_name"] = args.lora_name
     body = {"name": name, "backend": backend}
     if args.replicas is not None:
         body["replicas"] = args.replicas
@@ -437,8 +454,15 @@ def parse_version(text: str) -> tuple[str, dict]:
     """`v3=sim:ttft_ms=30` -> ("v3", {"sim": {"ttft_ms": 30.0}}); usage error otherwise."""
     name, sep, spec = text.partition("=")
     kind, _, rest = spec.partition(":")
-    if not sep or not name or kind not in ("sim", "url", "vllm"):
-        raise CliError(f"expected NAME=sim|url:URL|vllm:MODEL, got {text!r}", code=2)
+    if not sep or not name or kind not in ("sim", "url", "vllm", "adapter"):
+        raise CliError(f"expected NAME=sim|url:URL|vllm:MODEL|adapter:BASE=PATH, got {text!r}",
+                       code=2)  # fmt: skip
+    if kind == "adapter":
+        base, sep, path = rest.partition("=")
+        if not sep or not base or not path:
+            raise CliError(f"an adapter is {name}=adapter:BASE=PATH (the model whose servers "
+                           f"load it, and where they read it), got {text!r}", code=2)  # fmt: skip
+        return name, {"adapter": {"base": base, "path": path}}
     if kind == "url" or kind == "vllm":
         if not rest:
             raise CliError(f"{kind} needs a value, e.g. {name}={kind}:...", code=2)

@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -22,7 +24,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import InBackground, http_json, switchyard, wait_until
+from tests.conftest import InBackground, free_port, http_json, switchyard, wait_until
 
 BASE, BOT, OTHER = "llama", "support-bot", "qwen"
 ANALYSIS = {"interval_seconds": 1, "min_requests": 10, "max_error_rate": 0.05,
@@ -346,3 +348,88 @@ def test_a_restarted_base_replica_gets_its_adapters_back_before_adapter_traffic(
     assert all(abs(f[0] - killed) < 1 for f in failures), failures
     assert len(failures) <= 4, failures
     assert any(r[0] > killed + 1 and r[3] == 200 for r in load.results)
+
+
+def test_an_analysis_on_figures_vllm_keeps_per_server_is_refused_for_adapters(lora):
+    for key in ("max_ttft_p95_ms", "max_itl_p95_ms", "max_ttft_ratio"):
+        status, reply = lora.api("POST", "/v1/rollouts", {
+            "model": BOT, "to": "v2", "strategy": "gradual", "duration_seconds": 10,
+            "step_percent": 50, "analysis": {**ANALYSIS, key: 500}})  # fmt: skip
+        assert status == 422, reply
+        assert reply["error"]["field"] == f"analysis.{key}"
+        assert "LoRA adapter" in reply["error"]["message"]
+    assert lora.api("GET", "/v1/rollouts?active=true")[1]["rollouts"] == []
+    assert version(lora, BOT, "v2")["weight"] == 0
+
+
+def test_the_cli_adds_an_adapter_version_and_shows_its_base(stack, adapters):
+    path = adapter_dir(adapters, "support-v3")
+    done = cli(stack, "models", "add-version", BOT, f"v3=adapter:{BASE}={path}",
+               "--lora-name", "support-three")  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr
+        assert f"added {BOT}@v3 at 0% (adapter backend)" in done.stdout
+        assert "active" in done.stdout  # it waited until loaded everywhere
+        for url in base_urls(stack):
+            assert listed(url)["support-three"]["root"] == path
+        table = cli(stack, "models").stdout
+        row = next(line for line in table.splitlines() if line.split()[:2] == [BOT, "v3"])
+        assert f"on {BASE}: " in row and "yes 2/2" in row
+        bad = cli(stack, "models", "add-version", BOT, "v4=adapter:/only/a/path")
+        assert bad.returncode == 2 and "adapter:BASE=PATH" in bad.stderr
+    finally:
+        cli(stack, "models", "remove-version", BOT, "v3")
+    wait_until(lambda: all("support-three" not in listed(url) for url in base_urls(stack)), 10,
+               message="v3 unloaded when removed")  # fmt: skip
+
+
+def test_a_restarted_control_plane_finds_its_adapters_on_a_url_base(tmp_path, adapters):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sim = subprocess.Popen([sys.executable, "-m", "controlplane", "sim", "--port", str(port),
+                            "--model", BASE], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_until(lambda: _answers(f"{base}/health"), message="sim up")
+        models = [
+            {"name": BASE, "versions": [{"name": "v1", "weight": 100, "backend": {"url": base}}]},
+            {"name": BOT, "versions": [{"name": "v1", "weight": 100, "backend": {"adapter": {
+                "base": BASE, "path": adapter_dir(adapters, "url-v1")}}}]},
+        ]  # fmt: skip
+        v2 = {"name": "v2", "backend": {"adapter": {"base": BASE,
+                                                    "path": adapter_dir(adapters, "url-v2")}}}
+        with switchyard("up", tmp_path, models) as stack:
+            assert stack.api("POST", f"/v1/models/{BOT}/versions", v2)[0] == 201
+            wait_until(lambda: version(stack, BOT, "v2")["ready"], 20)
+        # Not ours to clean up: the server keeps serving them while no control plane runs.
+        assert {f"{BOT}--v1", f"{BOT}--v2"} <= set(listed(base))
+        # Restarted with v1 read from elsewhere now: found loaded from the old path, it is
+        # loaded again from the new one; v2 (added at run time) is found as it was.
+        models[1]["versions"][0]["backend"]["adapter"]["path"] = adapter_dir(adapters, "url-v1b")
+        with switchyard("up", tmp_path, models) as stack:
+            wait_until(lambda: version(stack, BOT, "v1")["ready"]
+                       and version(stack, BOT, "v2")["ready"], 20)  # fmt: skip
+            roots = {name: entry["root"] for name, entry in listed(base).items()}
+            assert roots[f"{BOT}--v1"].endswith("url-v1b") and roots[f"{BOT}--v2"].endswith(
+                "url-v2")  # fmt: skip
+            client = client_for(stack)
+            for name in ("v1", "v2"):
+                pinned = served(client, extra_headers={"x-switchyard-version": name})
+                assert pinned[:2] == (name, f"{BOT}--{name}")
+            assert "adapter.load_failed" not in stack.logs()
+    finally:
+        sim.kill()
+        sim.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def cli(stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controlplane", *args, "--server", stack.admin],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -266,7 +266,7 @@ class AdapterRuntime:
     async def _load(self, hosted: Hosted, url: str) -> None:
         """Load on one base server until it answers, backing off (a full server, a base
         without --enable-lora, a path it cannot read: logged each time, retried)."""
-        backoff = 0.5
+        backoff, replaced = 0.5, False
         body = {"lora_name": hosted.lora, "lora_path": hosted.adapter.path}
         try:
             while True:
@@ -274,14 +274,17 @@ class AdapterRuntime:
                     status, text = await self._post(url, "/v1/load_lora_adapter", body)
                     if status == 400 and "already been loaded" in text:
                         # Ours from before (a restarted control plane, a parked base woken):
-                        # fine if from this path; else another adapter holds the name there.
+                        # fine if from this path; from another (the path was changed while
+                        # no control plane ran), it goes and this one is loaded at once.
                         root = await self._root(url, hosted.lora)
                         if root == hosted.adapter.path:
                             status = 200
-                        else:
-                            await self._post(url, "/v1/unload_lora_adapter",
-                                             {"lora_name": hosted.lora})  # fmt: skip
-                            text = f"it served {hosted.lora!r} from {root!r}: unloaded"
+                        elif not replaced and await self._unload(hosted, url):
+                            replaced = True
+                            logs.event(log, "adapter.unloaded", model=hosted.model,
+                                       version=hosted.version, lora=hosted.lora, url=url,
+                                       reason=f"loaded from {root}")  # fmt: skip
+                            continue
                     if status == 200:
                         hosted.loaded[url] = asyncio.get_running_loop().time()
                         hosted.failed.pop(url, None)

@@ -111,6 +111,7 @@ class RolloutEngine:
                 )
         if spec.to == source:
             raise Invalid(f"'to' and 'from' are both {source!r}: nothing to roll out", field="to")
+        _check_adapter_analysis(model, (spec.to, source), spec.analysis)
         async with self._lock:
             if model.active_rollout:
                 raise Conflict(
@@ -645,6 +646,28 @@ def _all_to(model: Model, version: str) -> dict[str, int]:
 def _touch(doc: dict[str, Any]) -> dict[str, Any]:
     doc["updated_at"] = time.time()
     return doc
+
+
+# Thresholds on vLLM's own figures, which it keeps per server, not per LoRA adapter.
+VLLM_FIGURES = {"max_ttft_p95_ms": "time to first token", "max_itl_p95_ms": "inter-token "
+                "latency", "max_ttft_ratio": "time to first token"}  # fmt: skip
+
+
+def _check_adapter_analysis(model: Model, versions: tuple[str, ...], analysis) -> None:
+    """LoRA adapter versions are judged on Envoy's stats of their own requests: a threshold
+    on time to first token or inter-token latency could never be checked (the rollout would
+    hold, inconclusive), so it is refused."""
+    if analysis is None:
+        return
+    adapter = next((v for v in versions if model.versions[v].backend.adapter is not None), None)
+    for key, figure in VLLM_FIGURES.items() if adapter else ():
+        if getattr(analysis, key) is not None:
+            raise Invalid(
+                f"{model.name}@{adapter} is a LoRA adapter: vLLM measures {figure} per server, "
+                "not per adapter, so no verdict could use it; use max_latency_p95_ms or "
+                "max_latency_ratio (Envoy's, per version)",
+                field=f"analysis.{key}",
+            )
 
 
 def _record(doc: dict[str, Any], event: str, message: str) -> None:
