@@ -100,9 +100,10 @@ class RequestError(Exception):
         self.param = param
 
 
-def _adapter_shift(name: str) -> int:
-    """Where a LoRA adapter's answers start in WORDS: its own, never the base model's."""
-    return 1 + sum(name.encode()) % (len(WORDS) - 1)
+def _adapter_shift(path: str) -> int:
+    """Where a LoRA adapter's answers start in WORDS: its own (by its weights' path, so one
+    adapter loaded under two names answers alike), never the base model's."""
+    return 1 + sum(path.encode()) % (len(WORDS) - 1)
 
 
 def _prompt_too_long(limit: int, prompt_tokens: int) -> RequestError:
@@ -518,7 +519,7 @@ class Sim:
         if self._garbage:
             text = "".join(GARBAGE[i % len(GARBAGE)] for i in range(tokens))
         elif model != self.model:  # a LoRA adapter: other weights, other words
-            shift = _adapter_shift(model)
+            shift = _adapter_shift(self.adapters.get(model, model))
             text = " ".join(WORDS[(shift + i) % len(WORDS)] for i in range(tokens))
         else:
             text = self._text_of(tokens)
@@ -571,7 +572,7 @@ class Sim:
         if self._garbage:
             first = following = _GARBAGE_JSON
         elif model != self.model:
-            shift = _adapter_shift(model)
+            shift = _adapter_shift(self.adapters.get(model, model))
         n_words = len(following)
 
         def chunk(i: int) -> str:
