@@ -46,6 +46,9 @@ SUITE = [
     ("rollback", "bench_rollback.py", "emergency rollback like a weight change; 0 failed",
      ["--runs", "30", "--load-runs", "1"]),
     ("idle", "bench_idle.py", "idle controller RSS <= 150 MB, CPU <= 1 %", ["--seconds", "10"]),
+    ("routing", "bench_routing.py",
+     "prefix_aware TTFT p90 <= 0.5x least_request's; picker wait p50 <= 0.5 ms, p99 <= 2 ms; "
+     "0 failed with the picker killed; canary split +-2 pp", ["--seconds", "20"]),
     ("auto_rollback", "bench_auto_rollback.py",
      "fault -> rollback ACKed p50 <= 1.5 s, worst <= 2 s",
      ["--runs", "6", "--hang-runs", "2", "--no-plot"]),

@@ -188,3 +188,22 @@ def test_the_routes_of_a_least_request_model_never_reach_the_picker(stack):
         client.completions.create(model="qwen-2-7b", prompt="hello " * 50, max_tokens=1)
     time.sleep(0.2)
     assert picker_metric(stack, "switchyard_picker_picks_total") == picks
+
+
+def test_a_prefix_aware_model_added_at_run_time_starts_the_picker(tmp_path):
+    models = [{"name": "qwen-2-7b", "versions": [
+        {"name": "v1", "weight": 100, "backend": {"sim": {}}}]}]  # fmt: skip
+    with switchyard("up", tmp_path, models) as stack:
+        assert not (stack.state_dir / "pids" / "picker.pid").exists()  # no model needs it
+        status, body = stack.api("POST", "/v1/models", {
+            "name": "llama-3-8b", "routing": "prefix_aware",
+            "versions": [{"name": "v1", "weight": 100, "replicas": 2, "backend": {"sim": {}}}],
+        })  # fmt: skip
+        assert status == 201, body
+        wait_until(lambda: len(stack.api("GET", "/v1/models/llama-3-8b")[1]["versions"][0]
+                               ["endpoints"]) == 2, timeout=20, message="both replicas ready")
+        client = client_for(stack)
+        conversation = Conversation("late")
+        wait_until(lambda: conversation.ask(client) and
+                   picker_metric(stack, "switchyard_picker_picks_total") > 0, timeout=20,
+                   message="the picker started and picks")  # fmt: skip
