@@ -645,3 +645,77 @@ async def test_a_restarted_controller_adopts_the_existing_catalog(kube, tmp_path
     finally:
         await runtime.stop()
         controller.store.close()
+
+
+def _adapter_dir(root: Path, name: str) -> str:
+    path = root / name
+    path.mkdir()
+    (path / "adapter_config.json").write_text("{}")  # what the simulator checks
+    return str(path)
+
+
+def _served_by(url: str) -> set[str]:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+        return {entry["id"] for entry in json.load(response)["data"]}
+
+
+async def test_a_lora_adapter_vllmmodel_is_loaded_on_its_bases_pods_and_has_none(kube, tmp_path):
+    from controlplane.config import AdapterBackend
+    from controlplane.reconciler.adapters import with_adapters
+    from controlplane.reconciler.kubernetes import resource_name
+
+    controller = make_controller(tmp_path)
+    runtime = with_adapters(KubernetesRuntime(controller, NS, kube.api), controller)
+    sims = Sims(tmp_path)
+    try:
+        await runtime.start()
+        (port,) = free_ports(1)
+        pods = [sims.start("127.0.0.2", port, "v1"), sims.start("127.0.0.3", port, "v1")]
+        for url in pods:
+            await until(lambda url=url: healthy(url), 20, f"{url} healthy", io=True)
+        await kube.create_model(vllmmodel("llama-3-8b-v1", "v1", simulator={}))
+        both = {"127.0.0.2": True, "127.0.0.3": True}
+        await kube.put_slice(endpoint_slice("llama-3-8b-v1", both, port))
+        await kube.create_model({
+            "apiVersion": f"{GROUP}/{API_VERSION}", "kind": "VLLMModel",
+            "metadata": {"name": "support-bot-v1"},
+            "spec": {"model": "support-bot", "version": "v1", "adapter": {
+                "base": "llama-3-8b", "path": _adapter_dir(tmp_path, "support-v1")}},
+        })  # fmt: skip
+
+        def status() -> dict:
+            return (kube.get(PLURAL, "support-bot-v1") or {}).get("status") or {}
+
+        await until(lambda: status().get("state") == "active", 20, "the adapter's status")
+        assert sorted(status()["endpoints"]) == pods and status()["readyReplicas"] == 2
+        assert status()["conditions"][0]["status"] == "True"
+        for pod in pods:
+            assert "support-bot--v1" in _served_by(pod)
+        assert kube.get("deployments", "support-bot-v1") is None  # no pods of its own
+        assert kube.get("services", "support-bot-v1") is None
+
+        # Added through the admin API: a VLLMModel that says `adapter`, and no pods.
+        v2 = Backend(adapter=AdapterBackend(base="llama-3-8b",
+                                            path=_adapter_dir(tmp_path, "support-v2")))  # fmt: skip
+        await controller.add_version("support-bot", VersionConfig(name="v2", weight=0,
+                                                                  backend=v2))  # fmt: skip
+        name = resource_name("support-bot", "v2")
+        created = await until(lambda: kube.get(PLURAL, name), message="the VLLMModel")
+        assert created["spec"]["adapter"]["base"] == "llama-3-8b"
+        await until(lambda: controller.state.model("support-bot").versions["v2"].ready, 20)
+        assert kube.get("deployments", name) is None
+
+        # A base pod that stops being ready leaves the adapter's endpoints with it.
+        one = {"127.0.0.2": True, "127.0.0.3": False}
+        await kube.put_slice(endpoint_slice("llama-3-8b-v1", one, port))
+        await until(lambda: status().get("endpoints") == [pods[0]], 20, "one endpoint left")
+
+        # Its VLLMModel deleted: the version goes, and the adapter leaves the base's pods.
+        await kube.delete_model(name)
+        await until(lambda: "v2" not in controller.state.model("support-bot").versions, 20)
+        await until(lambda: "support-bot--v2" not in _served_by(pods[0]), 20, "unloaded",
+                    io=True)  # fmt: skip
+    finally:
+        await runtime.stop()
+        sims.stop()
+        controller.store.close()

@@ -17,7 +17,7 @@ import yaml
 
 from controlplane.config import parse_config
 from controlplane.proxy import render_bootstrap
-from controlplane.reconciler.vllm_args import container, parse_spec
+from controlplane.reconciler.vllm_args import backend_of, container, parse_spec
 
 from .conftest import KUBECTL, ROOT, require_program
 
@@ -142,12 +142,21 @@ def test_examples_validate_against_the_crd_and_map_to_vllm_serve(base):
     assert {(d["spec"]["model"], d["spec"]["version"]) for d in examples} == {
         ("llama-3-8b", "v1"),
         ("llama-3-8b", "v2"),
+        ("support-bot", "v1"),
     }
     for doc in examples:
         check_vllmmodel(schema, doc)
-        serving = container(parse_spec(doc["spec"]), "switchyard:0.1.0")
+        spec = parse_spec(doc["spec"])
+        if spec.adapter is not None:  # a LoRA adapter on llama-3-8b's pods: no pods itself
+            assert backend_of(spec).adapter.base == "llama-3-8b"
+            continue
+        serving = container(spec, "switchyard:0.1.0")
         assert serving["command"] == ["vllm", "serve"]
         assert serving["resources"]["limits"]["nvidia.com/gpu"] == str(doc["spec"]["gpuCount"])
+        # The base's vLLM loads adapters at run time: LoRA on, and the endpoints that load.
+        assert "--enable-lora" in serving["args"]
+        env = {item["name"]: item["value"] for item in serving["env"]}
+        assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
 
 
 def test_simulator_overlay_runs_simulator_pods_without_gpus(base):
@@ -172,8 +181,12 @@ def test_simulator_overlay_runs_simulator_pods_without_gpus(base):
         (lambda spec: spec.update(version="v 2"), "does not match"),
         (lambda spec: spec.update(dtype="fp7"), "fp7"),
         (lambda spec: spec.update(extraArgs="--x"), "'--x' is not of type 'array'"),
+        (lambda spec: spec.pop("modelName"), "is not valid under any of the given schemas"),
+        (lambda spec: spec.update(adapter={"base": "llama-3-8b"}),
+         "'path' is a required property"),
     ],
-    ids=["gpuMemoryUtilization-1.5", "replicas--1", "missing-model", "version", "dtype", "args"],
+    ids=["gpuMemoryUtilization-1.5", "replicas--1", "missing-model", "version", "dtype", "args",
+         "neither-modelName-nor-adapter", "adapter-without-path"],
 )
 def test_the_crd_rejects_invalid_specs(base, change, complaint):
     schema = crd_schema(base)

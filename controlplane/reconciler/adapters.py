@@ -92,13 +92,15 @@ class AdapterRuntime:
         self._checker = asyncio.create_task(self._check_loop(), name="adapters-check")
 
     def validate(self, model: str, version: str, backend: Backend) -> None:
-        if backend.adapter is None and self.inner is not None:
+        if self.inner is not None:
             self.inner.validate(model, version, backend)
 
     async def ensure(self, model: str, version: str, backend: Backend) -> None:
+        """Every version goes to the wrapped runtime too: it runs nothing for an adapter
+        but may record it (Kubernetes: a VLLMModel with `adapter`, and no pods)."""
+        if self.inner is not None:
+            await self.inner.ensure(model, version, backend)
         if backend.adapter is None:
-            if self.inner is not None:
-                await self.inner.ensure(model, version, backend)
             return
         key = (model, version)
         if key in self.hosted:
@@ -109,14 +111,13 @@ class AdapterRuntime:
 
     async def remove(self, model: str, version: str) -> None:
         hosted = self.hosted.get((model, version))
-        if hosted is None:
-            if self.inner is not None:
-                await self.inner.remove(model, version)
-            return
-        async with hosted.transition:
-            del self.hosted[(model, version)]
-            await self._unload_everywhere(hosted)
-        logs.event(log, "adapter.removed", model=model, version=version, lora=hosted.lora)
+        if hosted is not None:
+            async with hosted.transition:
+                del self.hosted[(model, version)]
+                await self._unload_everywhere(hosted)
+            logs.event(log, "adapter.removed", model=model, version=version, lora=hosted.lora)
+        if self.inner is not None:
+            await self.inner.remove(model, version)
 
     async def sleep(self, model: str, version: str, level: int) -> None:
         """An adapter has no sleep mode: parked, it is unloaded (its base's servers keep

@@ -162,6 +162,9 @@ class KubernetesRuntime:
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None
         self._synced = {PLURAL: asyncio.Event(), "endpointslices": asyncio.Event()}
+        # A LoRA adapter's VLLMModel has no pods: its status follows the version, which
+        # reconciler/adapters.py keeps on its base's pods.
+        controller.endpoint_watchers.append(self._adapter_status)
 
     # -- the Runtime interface ---------------------------------------------------------------
 
@@ -485,6 +488,8 @@ class KubernetesRuntime:
         self._report(resource)
 
     async def _apply_workload(self, resource: _Resource) -> None:
+        if resource.spec is not None and resource.spec.adapter is not None:
+            return  # a LoRA adapter: loaded on its base's pods, no workload of its own
         deployment, service = self.workload(resource.obj, resource.spec)
         await self._upsert(
             deployment, self.apps.read_namespaced_deployment,
@@ -593,6 +598,12 @@ class KubernetesRuntime:
     def _state(self, resource: _Resource) -> tuple[list[str], str]:
         if resource.error is not None or resource.spec is None:
             return [], "error"
+        if resource.spec.adapter is not None:  # as reconciler/adapters.py reports it
+            model = self.controller.state.models.get(resource.spec.model)
+            version = model.versions.get(resource.spec.version) if model else None
+            if version is None:
+                return [], "starting"
+            return [e.url for e in version.endpoints if e.ready], version.state
         parked = resource.parked
         urls = self._urls(resource)
         if resource.waking:
@@ -605,11 +616,20 @@ class KubernetesRuntime:
 
     def _report(self, resource: _Resource) -> None:
         """Send the version's ready endpoints to the controller and its status to the CR."""
+        if resource.spec is not None and resource.spec.adapter is not None:
+            self._write_status(resource)  # its endpoints are reconciler/adapters.py's
+            return
         urls, state = self._state(resource)
         changed = resource.key is not None and (urls, state) != resource.reported
         if changed and self._set_endpoints(*resource.key, [Endpoint(u) for u in urls], state):
             resource.reported = (urls, state)
         self._write_status(resource)
+
+    def _adapter_status(self, model: str) -> None:
+        for resource in list(self.resources.values()):
+            spec = resource.spec
+            if spec is not None and spec.adapter is not None and spec.model == model:
+                self._write_status(resource)
 
     def _set_endpoints(self, model: str, version: str, endpoints: list[Endpoint], state: str):
         known = self.controller.state.models.get(model)

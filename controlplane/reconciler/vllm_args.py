@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from controlplane.config import VERSION_NAME, Backend, SimBackend, VllmBackend
+from controlplane.adapters import LORA_NAME
+from controlplane.config import VERSION_NAME, AdapterBackend, Backend, SimBackend, VllmBackend
 from controlplane.errors import Invalid
 
 GROUP, API_VERSION, PLURAL, KIND = "switchyard.io", "v1alpha1", "vllmmodels", "VLLMModel"
@@ -36,12 +37,21 @@ class SimulatorSpec(_Spec):
     wake_ms: float = Field(0.0, ge=0, alias="wakeMs")
 
 
+class AdapterSpec(_Spec):
+    """A LoRA adapter on another VLLMModel's pods (docs/lora.md): no workload of its own."""
+
+    base: str = Field(min_length=1, description="the `model` of the VLLMModels that host it")
+    path: str = Field(min_length=1, description="where the base's vLLM reads it")
+    lora_name: str | None = Field(None, pattern=LORA_NAME.pattern, alias="loraName")
+
+
 class ModelSpec(_Spec):
     """`spec` of a VLLMModel (CONTRACT section 6), camelCase as in the CRD."""
 
     model: str = Field(min_length=1)
     version: str = Field(pattern=VERSION_NAME.pattern)
-    model_name: str = Field(min_length=1, alias="modelName")
+    # What vLLM loads; not for an adapter, which is loaded on its base's pods instead.
+    model_name: str | None = Field(None, min_length=1, alias="modelName")
     served_model_name: str | None = Field(None, alias="servedModelName")
     replicas: int = Field(1, ge=0)
     image: str | None = None
@@ -61,6 +71,15 @@ class ModelSpec(_Spec):
     enable_sleep_mode: bool = Field(False, alias="enableSleepMode")
     extra_args: list[str] = Field([], alias="extraArgs")
     simulator: SimulatorSpec | None = None
+    adapter: AdapterSpec | None = None
+
+    @model_validator(mode="after")
+    def _what_runs(self) -> ModelSpec:
+        if self.adapter is None and self.model_name is None:
+            raise ValueError("modelName: required (what vLLM loads), unless `adapter` is set")
+        if self.adapter is not None and self.simulator is not None:
+            raise ValueError("adapter: an adapter runs on its base's pods; drop `simulator`")
+        return self
 
 
 def parse_spec(spec: Any) -> ModelSpec:
@@ -70,7 +89,8 @@ def parse_spec(spec: Any) -> ModelSpec:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in ("spec", *error["loc"]))
-        raise Invalid(f"{where}: {error['msg']}", field=where) from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise Invalid(f"{where}: {message}", field=where) from None
 
 
 # Flags with a value: spec attribute -> vLLM flag.
@@ -157,12 +177,19 @@ def container(spec: ModelSpec, sim_image: str) -> dict[str, Any]:
         "readinessProbe": {**probe, "failureThreshold": 2},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
     }
+    env = []
     if spec.enable_sleep_mode and spec.simulator is None:
         # vLLM serves /sleep, /wake_up and /is_sleeping (and /collective_rpc, which the wake
         # from level 2 needs) only in dev mode. The pod's port is reachable in the cluster
         # only: Envoy never routes those paths, and the NetworkPolicy admits only Envoy, the
         # controller and scrapers (docs/security.md).
-        serving["env"] = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
+        env.append({"name": "VLLM_SERVER_DEV_MODE", "value": "1"})
+    if "--enable-lora" in spec.extra_args and spec.simulator is None:
+        # LoRA adapter versions on these pods are loaded at run time (/v1/load_lora_adapter),
+        # which vLLM serves only with this; same port, same NetworkPolicy as above.
+        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+    if env:
+        serving["env"] = env
     return serving
 
 
@@ -182,6 +209,10 @@ def _with_gpus(resources: dict[str, dict[str, Any]], gpus: int) -> dict[str, dic
 
 def backend_of(spec: ModelSpec) -> Backend:
     """The controller's Backend for a CR (what the admin API shows for the version)."""
+    if spec.adapter is not None:
+        adapter = spec.adapter
+        return Backend(adapter=AdapterBackend(base=adapter.base, path=adapter.path,
+                                              lora_name=adapter.lora_name))  # fmt: skip
     if spec.simulator is not None:
         sim = spec.simulator
         fields = ("ttft_ms", "itl_ms", "max_tokens_default", "wake_ms")
@@ -206,6 +237,11 @@ def spec_of(model: str, version: str, backend: Backend) -> dict[str, Any]:
     if backend.vllm is not None:
         return {"model": model, "version": version, "modelName": backend.vllm.model,
                 "extraArgs": list(backend.vllm.args)}  # fmt: skip
+    if backend.adapter is not None:  # loaded on the base's pods: a VLLMModel without pods
+        adapter = {"base": backend.adapter.base, "path": backend.adapter.path}
+        if backend.adapter.lora_name is not None:
+            adapter["loraName"] = backend.adapter.lora_name
+        return {"model": model, "version": version, "adapter": adapter}
     raise Invalid(
         "runtime kubernetes runs `vllm` and `sim` backends as VLLMModel resources; "
         "a `url` backend is not a Kubernetes workload",
