@@ -587,10 +587,15 @@ class LocalRuntime:
         return argv
 
     def _env(self, record: LocalBackend) -> dict[str, str] | None:
-        """vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode."""
-        if record.backend.vllm is not None and self._sleeps(record):
-            return {"VLLM_SERVER_DEV_MODE": "1"}
-        return None
+        """vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode, and loads LoRA
+        adapters at run time (adapter versions on it: reconciler/adapters.py) only with
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+        vllm, env = record.backend.vllm, {}
+        if vllm is not None and self._sleeps(record):
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        if vllm is not None and "--enable-lora" in vllm.args:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        return env or None
 
     def _sleeps(self, record: LocalBackend) -> bool:
         model = self.controller.state.models.get(record.model)

@@ -36,7 +36,6 @@ VLLM_ARGS = [
 VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process per server: starts fastest
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
     "VLLM_NO_USAGE_STATS": "1",
     "HF_HUB_OFFLINE": "1",
     "OMP_NUM_THREADS": "1",  # several servers share two cores

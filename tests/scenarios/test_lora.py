@@ -2,8 +2,9 @@
 on the base model's server at run time, Envoy rewrites the body's `model` to its lora name,
 and a rollout to another adapter version unloads the old one from the server.
 
-On real vLLM the base runs with --enable-lora --max-loras 2 --max-lora-rank 8 and
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (tests/scenarios/backends.py); the adapter is a tiny
+On real vLLM the base runs with --enable-lora --max-loras 2 --max-lora-rank 8
+(tests/scenarios/backends.py), and the local runtime gives it
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True for that (nothing else sets it); the adapter is a tiny
 one made with peft for the generated model.
 """
 
