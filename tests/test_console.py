@@ -243,3 +243,21 @@ def test_emergency_rollback_button_restores_the_stable_version(page, stack, clie
     expect(card(page).locator(".badge").first).to_have_text("last: aborted")
     assert served_by(client) == {stable}
     wait_until(lambda: not stack.api("GET", f"/v1/models/{MODEL}")[1]["active_rollout"])
+
+
+def test_an_adapter_version_shows_the_model_whose_servers_run_it(page, stack, tmp_path):
+    adapter = tmp_path / "support-v1"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    backend = {"adapter": {"base": MODEL, "path": str(adapter)}}
+    status, body = stack.api("POST", "/v1/models", {"name": "support-bot", "versions": [
+        {"name": "v1", "weight": 100, "backend": backend}]})  # fmt: skip
+    assert status == 201, body
+    open_console(page, stack)
+    row = page.locator('article[data-model="support-bot"] table.versions tr[data-version="v1"]')
+    tag = row.locator(".tag.adapter")
+    expect(tag).to_have_text(f"LoRA on {MODEL}")
+    expect(tag).to_have_attribute("title", f"served as support-bot--v1 by {MODEL}'s servers, "
+                                  f"from {adapter}")  # fmt: skip
+    expect(row).to_contain_text("active")
+    expect(row).to_contain_text("http://127.0.0.1:")  # the base's servers

@@ -355,7 +355,8 @@ function renderCard(model) {
 
   card.versions.replaceChildren(...model.versions.map((v) => h('tr', { 'data-version': v.name },
     h('th', { scope: 'row' }, swatch(colorOf(model, v.name)), v.name,
-      v.name === model.stable ? h('span', { class: 'tag', text: 'stable' }) : null),
+      v.name === model.stable ? h('span', { class: 'tag', text: 'stable' }) : null,
+      adapterTag(model, v)),
     h('td', { class: 'num', text: `${v.weight}%` }),
     h('td', {}, h('span', { class: 'state', 'data-state': v.state, text: v.state })),
     h('td', { text: readiness(v), class: v.ready ? 'ok' : 'bad' }),
@@ -363,6 +364,15 @@ function renderCard(model) {
       h('code', { text: url })])))));
 
   renderRollout(card, model, activeRollout(model.name));
+}
+
+// A LoRA adapter version runs on its base model's servers (docs/lora.md): say which.
+function adapterTag(model, v) {
+  const adapter = v.backend && v.backend.adapter;
+  if (!adapter) return null;
+  const lora = adapter.lora_name || `${model.name}--${v.name}`;
+  return h('span', { class: 'tag adapter', text: `LoRA on ${adapter.base}`,
+    title: `served as ${lora} by ${adapter.base}'s servers, from ${adapter.path}` });
 }
 
 // 'ready', or with several replicas how many serve: 'ready 2/3'.
