@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp.test_utils
 import aiohttp.web
 import attrs
 import kmock
@@ -301,10 +302,23 @@ class Emulator(kmock.KubernetesEmulator):
                 return
 
 
+class _QuickStopServer(aiohttp.test_utils.RawTestServer):
+    """aiohttp waits up to 60 s at shutdown for handlers still running: a watch whose
+    client went away without closing its connection would hold a test that long."""
+
+    async def _make_runner(self, **kwargs):
+        runner = await super()._make_runner(**kwargs)
+        runner._shutdown_timeout = 1.0
+        return runner
+
+
 @contextlib.asynccontextmanager
 async def serve() -> AsyncIterator[tuple[Emulator, str]]:
     """An Emulator on a free port: (emulator, base URL)."""
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
+    async with (
+        Emulator() as emulator,
+        kmock.Server(emulator, server_cls=_QuickStopServer) as server,
+    ):
         try:
             yield emulator, str(server.url).rstrip("/")
         finally:
