@@ -25,8 +25,14 @@ def _model(*versions: tuple[str, int], backend: dict | None = None) -> dict:
 def test_the_shipped_config_is_valid():
     config = load_config(ROOT / "switchyard.yaml")
     assert config.listen.proxy == "127.0.0.1:10000"
-    assert [m.name for m in config.models] == ["llama-3-8b", "qwen-2-7b"]
+    assert [m.name for m in config.models] == ["llama-3-8b", "qwen-2-7b", "support-bot"]
     assert config.models[0].versions[1].backend.sim.ttft_ms == 30
+    # The adapter the quick start serves, and the one docs/lora.md rolls out, are there for
+    # the simulator to load (it reads adapter_config.json, from `make up`'s directory).
+    adapter = config.models[2].versions[0].backend.adapter
+    assert adapter.base == "llama-3-8b"
+    for path in (adapter.path, adapter.path.replace("-v1", "-v2")):
+        assert (ROOT / path / "adapter_config.json").is_file(), path
 
 
 def test_defaults_and_backend_kinds():

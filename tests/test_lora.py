@@ -179,6 +179,9 @@ def test_adapter_versions_are_loaded_on_every_replica_and_served_under_the_publi
                  "x-switchyard-version": "v1"})  # fmt: skip
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.load(response)["model"] == f"{BOT}--v1"
+    # A lora name is not a public name: a client cannot pick an adapter past the split.
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=f"{BOT}--v2", prompt="x", max_tokens=1)
 
 
 def test_sticky_ab_keeps_a_user_on_one_adapter(lora):
