@@ -667,6 +667,10 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
         _print_json({"rollouts": rollouts})
     elif not rollouts:
         print("no active rollouts")
+        if args.model:  # how the last one ended is what one asks next (rolled back? why?)
+            query = urllib.parse.urlencode({"model": args.model, "limit": 1})
+            for last in api(args, "GET", f"/v1/rollouts?{query}")["rollouts"]:
+                print(f"last: {progress_line(last)}")
     for rollout in [] if args.json else rollouts:
         print(progress_line(rollout))
     return 0

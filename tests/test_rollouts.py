@@ -267,6 +267,12 @@ def test_cli_start_watch_and_exit_codes(stack, clean):
         watcher.kill()
     assert watcher.returncode == 1
     assert "[aborted]" in out
+    # Nothing active: the model's status still says how its last rollout ended.
+    done = _cli(stack, "rollout", "status", "--model", "llama-3-8b")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "no active rollouts"
+    assert done.stdout.splitlines()[1].startswith(f"last: {rollout_id} ")
+    assert "[aborted]" in done.stdout
     assert _cli(stack, "rollout", "promote", rollout_id).returncode == 1
     assert (
         _cli(stack, "rollout", "start", "llama-3-8b", "--to", "v2", "--strategy", "nope").returncode
