@@ -10,7 +10,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 
 from controlplane.config import parse_config
 from controlplane.errors import Invalid
-from controlplane.state import Endpoint, State, apply_weights, check_weights
+from controlplane.state import Endpoint, State, TrafficPolicy, apply_weights, check_weights
 from controlplane.xds import resources
 from controlplane.xds.snapshot import (
     CLUSTER,
@@ -218,6 +218,36 @@ def test_the_incremental_builder_matches_a_fresh_build():
         assert builder.build(state).versions == build_snapshot(state, PROXY).versions
     model.versions["v2"].endpoints[0].ready = False
     assert builder.build(state).versions == build_snapshot(state, PROXY).versions
+
+
+def test_a_kept_route_configuration_takes_new_weights_exactly_as_a_fresh_build():
+    """The builder keeps each model's RouteConfiguration and writes only the weights into
+    it on a weight change: every byte equals a fresh build, across weights, a policy
+    change (sticky, mirror) and a model named by the change or not."""
+    state = _state(2)
+    builder = SnapshotBuilder(PROXY)
+    builder.build(state)
+    model = state.models["chat"]
+    steps = [
+        ({"v1": 90, "v2": 10}, TrafficPolicy()),
+        ({"v1": 0, "v2": 100}, TrafficPolicy()),
+        ({"v1": 50, "v2": 50}, TrafficPolicy(sticky_header="x-user")),
+        ({"v1": 100}, TrafficPolicy(sticky_header="x-user")),
+        ({"v1": 80, "v2": 20}, TrafficPolicy(mirror_to="v2", mirror_percent=5)),
+        ({"v1": 10, "v2": 90}, TrafficPolicy()),
+    ]
+    for weights, policy in steps:
+        apply_weights(model, check_weights(model, weights))
+        model.policy = policy
+        built = builder.build(state, models=["chat"])
+        fresh = build_snapshot(state, PROXY)
+        assert built.resources[ROUTE] == fresh.resources[ROUTE]
+        assert built.versions == fresh.versions
+        split = next(r for r in _routes(built, "chat").virtual_hosts[0].routes
+                     if r.name == "chat/split")  # fmt: skip
+        got = {c.name.rpartition("@")[2]: c.weight.value
+               for c in split.route.weighted_clusters.clusters}  # fmt: skip
+        assert got == model.weights
 
 
 def test_a_long_model_list_raises_envoys_direct_response_limit():

@@ -768,6 +768,20 @@ def model_route_config(model: Model, proxy: ProxySettings) -> route_pb2.RouteCon
     return _route_config(scope_name(model.name), routes)
 
 
+def set_split_weights(config: route_pb2.RouteConfiguration, model: Model) -> None:
+    """Give `config` (what model_route_config made for `model`, with the same versions)
+    the model's weights now: they are in its split route alone, one per version in order.
+    A weight change then costs a few field writes instead of building every route again."""
+    split = f"{model.name}/split"
+    for route in config.virtual_hosts[0].routes:
+        if route.name == split:
+            clusters = route.route.weighted_clusters.clusters
+            for weighted, version in zip(clusters, model.versions.values(), strict=True):
+                weighted.weight.value = version.weight
+            return
+    raise ValueError(f"route configuration {config.name!r} has no route {split!r}")
+
+
 def missing_model_routes(state: State, proxy: ProxySettings) -> route_pb2.RouteConfiguration:
     """A request without `model`: the model list (a GET has no body), the gates, a 400."""
     models_list = models_list_body(state)
