@@ -102,3 +102,31 @@ async def test_an_envoy_that_stops_answering_still_times_out(running):
     await asyncio.to_thread(next, client.responses)  # received, never answered
     with pytest.raises(AckTimeout, match="hand"):
         await server.wait_applied(change, timeout=0.5)
+
+
+async def test_an_ack_that_changes_the_subscription_is_answered_and_one_that_repeats_it_not(
+    running,
+):
+    """Every ACK repeats the subscription; the server makes its set of names again only
+    when the names changed (issue 17: 1,002 names per ACK at 1,000 models), and then sends
+    what the new names cover."""
+    state, builder, server, client = running
+    (stream,) = server.streams.values()
+    kept = stream.types[ENDPOINT].names
+    assert kept == frozenset({"m@v1"})
+    first = server.snapshot.response(ENDPOINT, kept)
+    client.send(ENDPOINT, ["m@v1"], answer=first)  # the same subscription, ACKed again
+    client.send(ENDPOINT, ["m@v1", "m@v2"], answer=first)  # a new one
+    response = await asyncio.to_thread(next, client.responses)
+    assert [r.value for r in response.resources] == [
+        r.value for r in server.snapshot.response(ENDPOINT, None).resources
+    ]
+    names = stream.types[ENDPOINT].names
+    assert names == frozenset({"m@v1", "m@v2"})
+    client.send(ENDPOINT, ["m@v1", "m@v2"], answer=response)  # the same, as Envoy repeats it
+    _move(state, 9001)
+    change = builder.build(state, ["m"])
+    server.publish(change)
+    pushed = await asyncio.to_thread(next, client.responses)
+    assert pushed.version_info == change.versions[ENDPOINT]
+    assert stream.types[ENDPOINT].names is names

@@ -46,6 +46,7 @@ class TypeState:
     """One resource type on one stream."""
 
     names: frozenset[str] | None = None  # None: wildcard (all resources)
+    names_key: bytes = b""  # the request that gave `names`, reduced to them (_subscription)
     nonce: str | None = None  # of the last response sent
     pending: bool = False  # last response neither ACKed nor NACKed yet
     sent_version: str | None = None
@@ -300,8 +301,15 @@ class XdsServer:
             self._on_answer(stream, type_url, ts, request)
         elif request.version_info and ts.acked_version is None:
             ts.acked_version = request.version_info  # reconnect: what the Envoy still runs
-        names = None if type_url in WILDCARD_TYPES else frozenset(request.resource_names)
-        ts.names = names
+        if type_url in WILDCARD_TYPES:
+            ts.names = None
+        else:
+            # Every ACK repeats the whole subscription (at 1,000 models, 1,002 route
+            # configuration names): the set is made again only when it changed, and stays
+            # the same object, which the checks below and the payload cache compare at once.
+            key = _subscription(request)
+            if key != ts.names_key:
+                ts.names, ts.names_key = frozenset(request.resource_names), key
         stream.wake.set()
         if request.response_nonce:
             self._settle(stream)
@@ -365,10 +373,11 @@ class XdsServer:
     def _due(ts: TypeState, version: str) -> bool:
         if ts.force:
             return True
-        if ts.sent_version == version and ts.sent_names == ts.names:
+        same_names = ts.sent_names is ts.names or ts.sent_names == ts.names
+        if ts.sent_version == version and same_names:
             return False
         rejected = ts.nack is not None and ts.nack["version"] == version
-        return not (rejected and ts.sent_names == ts.names)  # never resend what was NACKed
+        return not (rejected and same_names)  # never resend what was NACKed
 
     async def _send(
         self, stream, context, snapshot: Snapshot, type_url: str, ts: TypeState
@@ -390,9 +399,20 @@ class XdsServer:
         (endpoints after a cluster change: Envoy waits for all of them again)."""
         if type_url not in PARTIAL_TYPES or ts.force or ts.acked_version is None:
             return None
-        if ts.sent_names != ts.names:
+        if ts.sent_names is not ts.names and ts.sent_names != ts.names:
             return None
         return self._history.get((type_url, ts.acked_version))
+
+
+def _subscription(request: discovery_pb2.DiscoveryRequest) -> bytes:
+    """A request's type and resource names alone, serialized: equal bytes, equal
+    subscription. Copying and serializing runs in C (~35 us for 1,000 names, where a
+    frozenset of them takes ~150-190 us)."""
+    only = discovery_pb2.DiscoveryRequest()
+    only.CopyFrom(request)
+    for name in ("version_info", "node", "response_nonce", "error_detail"):
+        only.ClearField(name)
+    return only.SerializeToString(deterministic=True)
 
 
 def _nonce_field(nonce: str) -> bytes:
