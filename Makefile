@@ -30,9 +30,13 @@ observe: $(STAMP)
 	echo "Prometheus: http://127.0.0.1:9090 (pid $$prom)"; \
 	$(BIN)/switchyard up --config switchyard.yaml
 
+# Two pytest workers, each taking whole files (module-scoped stacks start once); most tests
+# wait on real processes, so two share the 2 cores well. tests/test_openapi.py runs on its own:
+# schemathesis gives its cases one node id, which xdist would run only once.
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/test_openapi.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore tests/test_openapi.py
 
 # The scenarios of tests/scenarios/ again, against real vLLM servers instead of the simulator:
 # vLLM's CPU build in its own .venv-vllm (scripts/vllm-env.sh, about 2 min the first time) and
