@@ -178,7 +178,9 @@ def test_the_old_stable_sleeps_after_a_rollout_and_a_rollback_wakes_it(tmp_path)
         assert status == 201, rollout
         wait_until(lambda: version_of(stack, "v1")["state"] == "sleeping", timeout=20,
                    message="v1 parked after the rollout")  # fmt: skip
-        assert is_sleeping(v1_url)  # the simulator itself says so
+        # The simulator itself says so: told to sleep once every Envoy has it out of EDS,
+        # a moment after the state says so.
+        wait_until(lambda: is_sleeping(v1_url), timeout=10, message="v1's backend asleep")
         assert version_of(stack, "v1")["endpoints"] == []  # out of Envoy's EDS
 
         with Load(stack) as load:
@@ -285,7 +287,8 @@ def test_scale_to_zero_holds_the_next_request_while_waking(tmp_path):
         url = version_of(stack, "v1")["endpoints"][0]
         wait_until(lambda: version_of(stack, "v1")["state"] == "sleeping", timeout=15,
                    message="idle version scaled to zero")  # fmt: skip
-        assert is_sleeping(url)
+        # Out of EDS first, then told to sleep once every Envoy has it out: a moment later.
+        wait_until(lambda: is_sleeping(url), timeout=10, message="its backend asleep")
         assert version_of(stack, "v1")["endpoints"] == []  # no backend serves (the activator does)
         assert served_by(client) == "v1"  # held while waking, then answered
         assert version_of(stack, "v1")["state"] == "active"
