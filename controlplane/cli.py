@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     picker = command("picker", cmd_picker, "run the endpoint picker (an Envoy ext_proc service)")
     picker.add_argument("--listen", required=True, help="host:port of its gRPC service")
+    picker.add_argument("--http", default=None,
+                        help="host:port of its HTTP service (ext_proc http_service)")
     picker.add_argument("--metrics", default=None, help="host:port of its Prometheus metrics")
     picker.add_argument("--scrape-interval-ms", type=int, default=100,
                         help="how often it reads each endpoint's vLLM /metrics")  # fmt: skip
@@ -291,12 +293,13 @@ def cmd_picker(args: argparse.Namespace) -> int:
                        "positive, --cache-tokens at least one block", code=2)  # fmt: skip
     try:
         split_hostport(args.listen)
-        if args.metrics:
-            split_hostport(args.metrics)
+        for address in (args.http, args.metrics):
+            if address:
+                split_hostport(address)
     except ValueError as exc:
-        raise CliError(f"--listen/--metrics: {exc}", code=2) from None
+        raise CliError(f"--listen/--http/--metrics: {exc}", code=2) from None
     run(Settings(
-        listen=args.listen, metrics=args.metrics,
+        listen=args.listen, http=args.http, metrics=args.metrics,
         scrape_interval_s=args.scrape_interval_ms / 1000, weights=Weights(**weights),
         block_size=args.block_size, max_prefix_tokens=args.max_prefix_tokens,
         cache_tokens=args.cache_tokens,

@@ -354,6 +354,10 @@ class PickerSettings(Strict):
     # Envoy waits this long for the picker's answer, then goes on without it (least request
     # inside the same version): a slow, dead or restarting picker costs no request.
     timeout_ms: StrictInt = Field(50, ge=1, le=10_000)
+    # How Switchyard's Envoy asks it: `http` (ext_proc's http_service, JSON over HTTP/1.1 on
+    # a second loopback port: a fraction of a gRPC call's CPU) or `grpc` (GIE's protocol, on
+    # listen.picker). The picker serves both either way: a GIE gateway speaks gRPC.
+    transport: Literal["http", "grpc"] = "http"
     # How often it reads each endpoint's vLLM /metrics (queue, KV cache).
     scrape_interval_ms: StrictInt = Field(100, ge=10, le=10_000)
     weights: PickerWeights = PickerWeights()

@@ -102,14 +102,18 @@ class Stack:
                     read_pem(getattr(tls, key), f"xds.tls.{key}")
         self.state_dir = Path(self.state_dir or self.config.state_dir)
         processes.reap_orphans(self.state_dir)
-        # The endpoint picker's address is in every snapshot (Envoy's cluster for it), so it
-        # is chosen now, even if no model needs the picker yet.
-        picker = self.config.listen.picker or f"127.0.0.1:{processes.free_port()}"
-        self.controller = Controller(self.config, self.state_dir, picker=picker)
+        # The endpoint picker's addresses are in every snapshot (Envoy's cluster for it), so
+        # they are chosen now, even if no model needs the picker yet: its gRPC port (GIE's
+        # protocol) and its HTTP port; Envoy asks the one of `picker.transport`.
+        picker_grpc = self.config.listen.picker or f"127.0.0.1:{processes.free_port()}"
+        picker_http = f"127.0.0.1:{processes.free_port()}"
+        envoy_asks = picker_http if self.config.picker.transport == "http" else picker_grpc
+        self.controller = Controller(self.config, self.state_dir, picker=envoy_asks)
         metrics_address = f"127.0.0.1:{processes.free_port()}"
         self.controller.picker_metrics = f"http://{metrics_address}/metrics"
         self.picker = PickerSupervisor(
-            picker_argv(self.config.picker, picker, metrics_address), self.state_dir
+            picker_argv(self.config.picker, picker_grpc, metrics_address, http=picker_http),
+            self.state_dir,
         )
         if self.leader is not None:  # not one write once the Lease may be someone else's
             self.controller.store.may_write = lambda: self.leader.is_leader

@@ -101,6 +101,8 @@ def test_defaults_and_backend_kinds():
         ({"models": [{"name": "x", "versions": []}]}, "models[x].versions"),
         ({"health": {"stats_flush_seconds": 5}}, "health.stats_flush_seconds"),
         ({"listen": {"picker": "0.0.0.0:18001"}}, "listen.picker: 0.0.0.0:18001: the endpoint"),
+        ({"picker": {"transport": "h2"}}, "picker.transport: Input should be 'http' or 'grpc'"),
+        ({"picker": {"transport": None}}, "picker.transport: Input should be 'http' or 'grpc'"),
         ({"models": [{**_model(("v1", 100)), "routing": "magic"}]},
          "models[llama].routing: Input should be 'least_request', 'prefix_aware' or"),
         (
@@ -145,6 +147,11 @@ def test_replicas_default_to_one_and_a_url_list_is_one_replica_per_url():
     v1, v2, v3 = config.models[0].versions
     assert [v.replica_count for v in (v1, v2, v3)] == [3, 2, 1]
     assert v2.backend.urls == ["http://a:1", "http://b:2"]
+
+
+def test_envoy_asks_the_picker_over_http_unless_told_grpc():
+    assert parse_config({}).picker.transport == "http"
+    assert parse_config({"picker": {"transport": "grpc"}}).picker.transport == "grpc"
 
 
 def test_yaml_booleans_are_caught(tmp_path):

@@ -1,15 +1,20 @@
-"""The endpoint picker over real gRPC: the Gateway API Inference Extension's protocol.
+"""The endpoint picker over real gRPC and real HTTP: the Gateway API Inference Extension's
+protocol, and ext_proc's `http_service` (the same messages as JSON).
 
-A picker served in this process (`service.serve`), asked as Envoy asks it (an ext_proc
-stream: gRPC metadata naming the version and its candidates, the body in one message), and
-as a GIE gateway would (candidates in metadata `envoy.lb.subset_hint`, or a headers-only
-exchange). Real simulators behind it give the load it reads.
+A picker served in this process (`service.serve`, both transports), asked as Envoy asks it
+(an ext_proc stream: gRPC metadata naming the version and its candidates, the body in one
+message; or a chunked JSON POST with them as request attributes), and as a GIE gateway
+would (candidates in metadata `envoy.lb.subset_hint`, or a headers-only exchange). Real
+simulators behind it give the load it reads. The JSON is written and read with protobuf's
+own JSON mapping, as Envoy writes and reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -20,10 +25,12 @@ import pytest
 from aiohttp import web
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from google.protobuf import json_format
 
 from controlplane import prompt
 from controlplane.picker.service import Settings, serve
 from controlplane.sim import SimConfig, make_app
+from controlplane.xds.resources import EXT_PROC, PICKER_ATTRIBUTES, PICKER_HTTP_PATH
 from tests.conftest import free_port, wait_until
 
 DESTINATION = "x-gateway-destination-endpoint"
@@ -67,19 +74,34 @@ def servers():
 
 
 @pytest.fixture
-def picker():
-    """A picker on a free port; its gRPC channel."""
-    port = free_port()
+def served():
+    """A picker serving both transports on free ports: its gRPC channel and HTTP port."""
+    port, http_port = free_port(), free_port()
     stop = threading.Event()
-    settings = Settings(listen=f"127.0.0.1:{port}", scrape_interval_s=0.05)
+    settings = Settings(listen=f"127.0.0.1:{port}", http=f"127.0.0.1:{http_port}",
+                        scrape_interval_s=0.05)  # fmt: skip
     thread = threading.Thread(target=serve, args=(settings, stop), daemon=True)
     thread.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=10)
-    yield channel
+    yield channel, http_port
     channel.close()
     stop.set()
     thread.join(10)
+
+
+@pytest.fixture
+def picker(served):
+    """The picker's gRPC channel."""
+    return served[0]
+
+
+@pytest.fixture
+def over_http(served):
+    """Ask the picker over HTTP as Envoy's http_service does, on one kept-alive connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", served[1], timeout=5)
+    yield lambda *args, **kwargs: ask_http(connection, *args, **kwargs)
+    connection.close()
 
 
 def ask(channel, body: dict | None, metadata=(), hint: list[str] | None = None,
@@ -101,6 +123,38 @@ def ask(channel, body: dict | None, metadata=(), hint: list[str] | None = None,
         subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
         subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
     return next(iter(process(iter([request]), metadata=metadata, timeout=5)))
+
+
+def ask_http(connection, body: dict | None, candidates: list[str] | None = None,
+             version: str = "m@v1", hint: list[str] | None = None,
+             headers_only: bool = False) -> ext_proc.ProcessingResponse:  # fmt: skip
+    """One ProcessingRequest as Envoy's http_service POSTs it (JSON with proto field names,
+    chunked, the route's attributes); the JSON answer read as Envoy reads it."""
+    request = ext_proc.ProcessingRequest()
+    if headers_only:
+        request.request_headers.SetInParent()
+        request.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    else:
+        request.request_body.body = json.dumps(body).encode()
+        request.request_body.end_of_stream = True
+        request.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
+    if candidates is not None:
+        attributes = request.attributes[EXT_PROC]
+        attributes.update({PICKER_ATTRIBUTES[0]: version,
+                           PICKER_ATTRIBUTES[1]: ",".join(candidates)})  # fmt: skip
+    if hint is not None:
+        subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
+        subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
+    message = json_format.MessageToJson(request, preserving_proto_field_name=True).encode()
+    connection.putrequest("POST", PICKER_HTTP_PATH)
+    connection.putheader("content-type", "application/json")
+    connection.putheader("transfer-encoding", "chunked")
+    connection.endheaders()
+    connection.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(message), message))
+    response = connection.getresponse()
+    payload = response.read()
+    assert response.status == 200, payload
+    return json_format.Parse(payload, ext_proc.ProcessingResponse())
 
 
 def chosen(response: ext_proc.ProcessingResponse) -> list[str]:
@@ -182,6 +236,87 @@ def test_without_candidates_the_picker_changes_nothing(picker):
     assert answer.WhichOneof("response") == "request_body"
     assert not answer.dynamic_metadata.fields
     assert not answer.request_body.response.header_mutation.set_headers
+
+
+def test_over_http_each_conversation_goes_back_to_the_endpoint_that_has_its_prefix(
+    over_http, servers
+):
+    homes = {}
+    for conversation in ("alpha", "beta", "gamma"):
+        first = chosen(over_http(chat(conversation, 0), servers.endpoints))
+        assert sorted(first) == sorted(servers.endpoints)
+        homes[conversation] = first[0]
+    for turn in range(1, 3):
+        time.sleep(0.12)
+        for conversation, home in homes.items():
+            assert chosen(over_http(chat(conversation, turn), servers.endpoints))[0] == home
+
+
+def test_both_transports_serve_one_picker(picker, over_http, servers):
+    """One decision, one memory: a conversation begun over gRPC goes on over HTTP (a GIE
+    gateway and Switchyard's Envoy in front of the same picker)."""
+    home = chosen(ask(picker, chat("omega", 0), pool(servers)))[0]
+    time.sleep(0.12)
+    assert chosen(over_http(chat("omega", 1), servers.endpoints))[0] == home
+
+
+def test_over_http_a_gateway_may_send_the_candidates_as_gie_subset_hint(over_http, servers):
+    answer = over_http({"model": "m", "prompt": "hello " * 100}, hint=servers.endpoints)
+    assert sorted(chosen(answer)) == sorted(servers.endpoints)
+
+
+def test_over_http_without_a_body_the_choice_is_made_on_the_headers(over_http, servers):
+    answer = over_http(None, servers.endpoints, headers_only=True)
+    assert answer.WhichOneof("response") == "request_headers"
+    assert sorted(chosen(answer)) == sorted(servers.endpoints)
+
+
+def test_over_http_without_candidates_the_picker_changes_nothing(over_http):
+    answer = over_http({"model": "m", "prompt": "hello"})
+    assert answer.WhichOneof("response") == "request_body"
+    assert not answer.dynamic_metadata.fields
+    assert not answer.request_body.response.header_mutation.set_headers
+
+
+def test_the_http_service_answers_only_ext_proc_posts(served):
+    """Anything else gets an error status (Envoy would go on without the picker); what it
+    cannot frame also closes the connection."""
+    port = served[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for method, path, body, status in (("GET", PICKER_HTTP_PATH, None, 405),
+                                       ("POST", "/other", b"{}", 404),
+                                       ("POST", PICKER_HTTP_PATH, b"not json", 400),
+                                       ("POST", PICKER_HTTP_PATH, b"[1]", 400)):  # fmt: skip
+        connection.request(method, path, body)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == status, (method, path, body)
+    connection.request("POST", PICKER_HTTP_PATH, b'{"request_trailers": {}}')
+    answer = connection.getresponse()  # the same kept-alive connection, still answering
+    assert json.loads(answer.read()) == {"request_trailers": {}}
+    connection.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"POST /ext_proc HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400 ") and b"connection: close" in reply
+
+
+def test_a_request_arriving_in_pieces_is_taken_once_whole():
+    """TCP may cut Envoy's chunked POST anywhere; two may follow on one connection."""
+    from controlplane.picker.http_service import next_request
+
+    message = b'{"request_body": {"body": "e30="}}'
+    one = (b"POST /ext_proc HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"%x\r\n%s\r\n0\r\n\r\n" % (len(message), message))  # fmt: skip
+    for cut in range(len(one)):
+        assert next_request(bytearray(one[:cut])) is None
+    two = b"POST /ext_proc HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}"
+    method, path, body, keep_alive, taken = next_request(bytearray(one + two))
+    assert (method, path, body, keep_alive, taken) == (b"POST", b"/ext_proc", message, True,
+                                                       len(one))  # fmt: skip
+    assert next_request(bytearray(two))[2] == b"{}"
 
 
 def test_the_picker_and_the_simulator_cut_a_prompt_into_the_same_blocks():

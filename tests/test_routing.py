@@ -88,16 +88,50 @@ def picker_metric(stack, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))  # fmt: skip
 
 
-def test_each_conversation_goes_back_to_the_replica_that_has_its_prefix(stack):
+def picker_exchanges(stack) -> dict[str, float]:
+    """Envoy's ext_proc counters for the picker: messages it answered, and gRPC streams
+    (an HTTP exchange opens none)."""
+    url = f"http://{stack.config['listen']['envoy_admin']}/stats?filter=ext_proc.picker"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    counters = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    prefix = "http.switchyard.ext_proc.picker."
+    return {"answered": float(counters.get(prefix + "stream_msgs_received", 0)),
+            "grpc_streams": float(counters.get(prefix + "streams_started", 0))}  # fmt: skip
+
+
+def conversations_keep_their_replica(stack, names, model: str = "llama-3-8b") -> None:
+    """Every turn of each conversation goes to one replica: the picker's choice, followed
+    (least request would move a sequential conversation among idle replicas)."""
     client = client_for(stack)
-    conversations = [Conversation(name) for name in ("ana", "bo", "cy", "dee", "eve")]
+    conversations = [Conversation(name, model) for name in names]
     homes: dict[str, set] = defaultdict(set)
     for _ in range(4):
         for conversation in conversations:
             homes[conversation.name].add(conversation.ask(client))
     assert all(len(served) == 1 for served in homes.values()), dict(homes)
+
+
+def test_each_conversation_goes_back_to_the_replica_that_has_its_prefix(stack):
+    """On the default transport: Envoy asks the picker over HTTP/1.1 (ext_proc's
+    http_service), its choice is followed."""
+    conversations_keep_their_replica(stack, ("ana", "bo", "cy", "dee", "eve"))
     assert picker_metric(stack, "switchyard_picker_picks_total") >= 20
     assert picker_metric(stack, "switchyard_picker_matched_blocks_total") > 0
+    exchanges = picker_exchanges(stack)
+    assert exchanges["answered"] >= 20 and exchanges["grpc_streams"] == 0, exchanges
+
+
+def test_the_grpc_transport_still_serves_envoy(tmp_path):
+    """`picker.transport: grpc`: Envoy asks over gRPC (GIE's protocol) as before, with the
+    same choices; the picker still serves both."""
+    models = [{"name": "llama-3-8b", "routing": "prefix_aware", "versions": [
+        {"name": "v1", "weight": 100, "replicas": 3, "backend": {"sim": {}}}]}]  # fmt: skip
+    with switchyard("up", tmp_path, models, picker={"transport": "grpc"}) as stack:
+        conversations_keep_their_replica(stack, ("gus", "hal", "ivy"))
+        assert picker_metric(stack, "switchyard_picker_picks_total") >= 12
+        exchanges = picker_exchanges(stack)
+        assert exchanges["answered"] >= 12 and exchanges["grpc_streams"] >= 12, exchanges
 
 
 def test_new_conversations_arriving_together_are_spread_over_the_replicas(stack):

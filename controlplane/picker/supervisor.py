@@ -23,8 +23,11 @@ HEALTHY_RUN_S = 30.0  # a picker that ran this long before dying was not crash-l
 NAME = "picker"
 
 
-def picker_argv(settings: PickerSettings, listen: str, metrics: str | None) -> list[str]:
-    """`switchyard picker` with the settings of `switchyard.yaml`."""
+def picker_argv(
+    settings: PickerSettings, listen: str, metrics: str | None, http: str | None = None
+) -> list[str]:
+    """`switchyard picker` with the settings of `switchyard.yaml`: gRPC on `listen`, HTTP on
+    `http` (both loopback; Envoy uses the one of `picker.transport`)."""
     weights = settings.weights
     argv = [
         sys.executable, "-m", "controlplane", "picker", "--listen", listen,
@@ -35,6 +38,8 @@ def picker_argv(settings: PickerSettings, listen: str, metrics: str | None) -> l
         "--max-prefix-tokens", str(settings.max_prefix_tokens),
         "--cache-tokens", str(settings.cache_tokens),
     ]  # fmt: skip
+    if http:
+        argv += ["--http", http]
     if metrics:
         argv += ["--metrics", metrics]
     return argv

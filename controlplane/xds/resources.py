@@ -28,8 +28,9 @@ from envoy.config.core.v3 import (
     base_pb2,
     config_source_pb2,
     extension_pb2,
-    grpc_service_pb2,
     health_check_pb2,
+    http_service_pb2,
+    http_uri_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
@@ -110,10 +111,20 @@ EXT_PROC = "envoy.filters.http.ext_proc"
 BUFFER = "envoy.filters.http.buffer"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
-# What the route tells the picker (gRPC metadata of its stream): the version the weighted
-# split chose, as `<model>@<version>`, and its ready endpoints (GIE's subset hint).
+# What the route tells the picker: the version the weighted split chose, as
+# `<model>@<version>`, and its ready endpoints (GIE's subset hint). Over gRPC, as metadata
+# of its stream; over HTTP (ext_proc's `http_service`, which sends no gRPC metadata), as two
+# request attributes Envoy evaluates (CEL) from the route's metadata, which holds both for
+# each cluster the route may choose: the entry of the cluster it chose.
 POOL_HEADER = "x-switchyard-pool"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
+PICKER_METADATA = "switchyard.picker"
+PICKER_ATTRIBUTES = tuple(
+    f"xds.route_metadata.filter_metadata['{PICKER_METADATA}'][xds.cluster_name].{key}"
+    for key in ("pool", "subset")
+)
+PICKER_HTTP_PATH = "/ext_proc"
+PICKER_TRANSPORTS = ("http", "grpc")
 DEFAULT_PICKER_TIMEOUT_MS = 50
 
 
@@ -154,13 +165,16 @@ class ProxySettings:
     post_paths: tuple[str, ...] = OPENAI_POST_PATHS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     preview_token: str | None = None
-    picker: tuple[str, int] | None = None  # the endpoint picker's gRPC address, if any
+    picker: tuple[str, int] | None = None  # where Envoy asks the endpoint picker, if at all
+    # How: "http" (ext_proc's http_service; switchyard.yaml's default) or "grpc".
+    picker_transport: str = "grpc"
     picker_timeout_ms: int = DEFAULT_PICKER_TIMEOUT_MS
     access_log: str | None = None  # a file for Envoy's JSON access log
 
     @classmethod
     def from_config(cls, config: Config, picker: str | None = None) -> ProxySettings:
-        """`picker`: where the endpoint picker listens (the Stack chooses the port)."""
+        """`picker`: the endpoint picker's address for `picker.transport` (the Stack
+        chooses the port)."""
         proxy = config.proxy
         return cls(
             *split_hostport(config.listen.proxy),
@@ -168,6 +182,7 @@ class ProxySettings:
             max_request_bytes=proxy.max_request_bytes,
             preview_token=proxy.effective_preview_token(),
             picker=split_hostport(picker) if picker else None,
+            picker_transport=config.picker.transport,
             picker_timeout_ms=config.picker.timeout_ms,
             access_log=proxy.access_log,
         )
@@ -310,14 +325,16 @@ def _lb_policy(name: str, config) -> cluster_pb2.LoadBalancingPolicy.Policy:
 
 
 def picker_cluster(proxy: ProxySettings) -> cluster_pb2.Cluster:
-    """The endpoint picker, over HTTP/2 (gRPC). A short connect timeout: a dead picker
-    costs a request that much before Envoy goes on without it (fail-open)."""
+    """The endpoint picker, over HTTP/2 (gRPC) or HTTP/1.1 (kept-alive connections, one
+    request at a time each). A short connect timeout: a dead picker costs a request that
+    much before Envoy goes on without it (fail-open)."""
     assert proxy.picker is not None
-    options = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
-    )
+    explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig
+    if proxy.picker_transport == "grpc":
+        protocol = explicit(http2_protocol_options=protocol_pb2.Http2ProtocolOptions())
+    else:
+        protocol = explicit(http_protocol_options=protocol_pb2.Http1ProtocolOptions())
+    options = http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=protocol)
     host = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=_address(*proxy.picker))
     )
@@ -555,7 +572,8 @@ def _picker_filters(proxy: ProxySettings) -> list[hcm_pb2.HttpFilter]:
     since the router would choose a host as soon as the headers reach it (json_to_metadata
     has buffered the body already, so it costs the other requests nothing). Fail-open: a
     picker slower than `picker.timeout_ms`, unreachable or erring costs nothing but that
-    wait, and the host is then least request's."""
+    wait, and the host is then least request's. Over HTTP (ext_proc's `http_service`),
+    Envoy POSTs each message as JSON to the picker's PICKER_HTTP_PATH."""
     if proxy.picker is None:
         return []
     mode = processing_mode_pb2.ProcessingMode
@@ -564,12 +582,10 @@ def _picker_filters(proxy: ProxySettings) -> list[hcm_pb2.HttpFilter]:
         request_body_mode=mode.NONE, response_body_mode=mode.NONE,
         request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP,
     )  # fmt: skip
+    timeout = _duration(proxy.picker_timeout_ms / 1000)
     picker = ext_proc_pb2.ExternalProcessor(
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=PICKER_CLUSTER)
-        ),
         failure_mode_allow=True,
-        message_timeout=_duration(proxy.picker_timeout_ms / 1000),
+        message_timeout=timeout,
         processing_mode=nothing,
         metadata_options=ext_proc_pb2.MetadataOptions(
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
@@ -578,6 +594,19 @@ def _picker_filters(proxy: ProxySettings) -> list[hcm_pb2.HttpFilter]:
         ),
         stat_prefix="picker",
     )
+    if proxy.picker_transport == "grpc":
+        picker.grpc_service.envoy_grpc.cluster_name = PICKER_CLUSTER
+    else:
+        # Evaluated only for the messages sent: the routes of prefix_aware models. (A
+        # route's own request_attributes are not sent: measured with Envoy 1.40.)
+        picker.request_attributes.extend(PICKER_ATTRIBUTES)
+        host, port = proxy.picker
+        uri = http_uri_pb2.HttpUri(
+            uri=f"http://{_host_in_url(host)}:{port}{PICKER_HTTP_PATH}",
+            cluster=PICKER_CLUSTER,
+            timeout=timeout,
+        )
+        picker.http_service.http_service.CopyFrom(http_service_pb2.HttpService(http_uri=uri))
     hold = buffer_pb2.Buffer(max_request_bytes=wrappers_pb2.UInt32Value(
         value=proxy.max_request_bytes))  # fmt: skip
     return [
@@ -596,6 +625,10 @@ def _body_only() -> processing_mode_pb2.ProcessingMode:
     )  # fmt: skip
 
 
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _picker_on(
     pool: str | None = None, subset: str = "", send_body: bool = True
 ) -> any_pb2.Any:
@@ -612,6 +645,15 @@ def _picker_on(
             base_pb2.HeaderValue(key=SUBSET_HEADER, value=subset),
         ])  # fmt: skip
     return _pack(ext_proc_pb2.ExtProcPerRoute(overrides=overrides))
+
+
+def _tell_picker(route: route_components_pb2.Route, clusters: dict[str, tuple[str, str]]) -> None:
+    """The HTTP transport's candidates: for each cluster the route may choose, the version
+    (`<model>@<version>`) and its ready endpoints, in the route's metadata, where
+    PICKER_ATTRIBUTES find the entry of the cluster it chose."""
+    told = route.metadata.filter_metadata[PICKER_METADATA]
+    for cluster, (pool, subset) in clusters.items():
+        told.fields[cluster].struct_value.update({"pool": pool, "subset": subset})
 
 
 def _subset(model: Model, version: str) -> str:
@@ -892,6 +934,7 @@ def model_routes(
     """
     retries, rolling_out = model.retries, model.active_rollout is not None
     picked = proxy is not None and proxy.picker is not None and model.routing == PREFIX_AWARE
+    over_http = picked and proxy.picker_transport == "http"
     served = lora.served_names(model)  # LoRA adapters: the body's model per version
     routes = []
     for version in model.versions.values():
@@ -903,7 +946,11 @@ def model_routes(
             ),
             response_headers_to_add=[_version_header(version.name)],
         )
-        if picked:
+        if over_http:
+            pool = cluster_name(model.name, version.name)
+            pin.typed_per_filter_config[EXT_PROC].CopyFrom(_picker_on())
+            _tell_picker(pin, {pin.route.cluster: (pool, _subset(model, version.name))})
+        elif picked:
             pool = cluster_name(model.name, version.name)
             pin.typed_per_filter_config[EXT_PROC].CopyFrom(
                 _picker_on(pool, _subset(model, version.name))
@@ -944,7 +991,15 @@ def model_routes(
     route = route_components_pb2.Route(
         name=f"{model.name}/split", match=_metadata_match(model.name), route=action
     )
-    if picked:
+    if over_http:
+        # Envoy picks the weighted cluster when it resolves the route, before the filters
+        # run: the attributes name the cluster it got (xds.cluster_name).
+        route.typed_per_filter_config[EXT_PROC].CopyFrom(_picker_on())
+        _tell_picker(route, {
+            weighted.name: (weighted.name, _subset(model, weighted.name.rpartition("@")[2]))
+            for weighted in route.route.weighted_clusters.clusters
+        })  # fmt: skip
+    elif picked:
         # Envoy picks the weighted cluster when it resolves the route, before the filters
         # run: each cluster's own per-filter config tells the picker which version it got.
         route.typed_per_filter_config[EXT_PROC].CopyFrom(_picker_on())
