@@ -44,6 +44,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from h2_client import H2Call, StreamClosed
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -51,14 +52,17 @@ LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SRDS = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 SHORT = {CDS: "cds", EDS: "eds", LDS: "lds", RDS: "rds", SRDS: "srds"}
+METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 GIVE_UP_S = 120.0  # a client whose streams fail for this long in a row gives up (--give-up)
 
 
 class Client:
     """One simulated Envoy: one channel, one ADS stream."""
 
-    def __init__(self, target: str, node_id: str, give_up: float = GIVE_UP_S) -> None:
-        self.target, self.give_up = target, give_up
+    def __init__(
+        self, target: str, node_id: str, give_up: float = GIVE_UP_S, transport: str = "grpc"
+    ) -> None:
+        self.target, self.give_up, self.transport = target, give_up, transport
         self.node = base_pb2.Node(id=node_id, cluster="bench-fanout")
         self.names: dict[str, list[str]] = {CDS: [], LDS: [], EDS: [], RDS: [], SRDS: []}
         self.acked: dict[str, tuple[str, str]] = {}  # type -> (version, nonce) last ACKed
@@ -89,7 +93,7 @@ class Client:
             seen = self.received
             try:
                 await self.stream()
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, OSError) as exc:
                 now = time.monotonic()
                 if self.received > seen:
                     failures = 0  # that stream worked for a while: a new series of failures
@@ -109,29 +113,41 @@ class Client:
         self.listener_routes, self.scope_routes = set(), set()
 
     async def stream(self) -> None:
+        if self.transport == "h2":
+            host, _, port = self.target.rpartition(":")
+            call = _LeanCall(await H2Call.open(host, int(port), METHOD))
+            try:
+                await self.serve(call)
+            finally:
+                call.h2.close()
+            return
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
         async with grpc.aio.insecure_channel(self.target, options=options) as channel:
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
-            await call.write(self.request(CDS))
-            await call.write(self.request(LDS))
-            while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    raise ConnectionError(f"{self.node.id}: stream closed by the server")
-                received = time.monotonic()
-                self.received += 1
-                await self.answer(call, response)
-                if response.type_url == RDS:
-                    self.routes_seen.update(_names(response))
-                    if self.recording:
-                        self.rds.append((response.version_info, received, time.monotonic(),
-                                         response.ByteSize(), len(response.resources)))  # fmt: skip
-                    wanted = self.names[RDS]
-                    if wanted and self.routes_seen.issuperset(wanted):
-                        self.synced.set()
-                elif self.recording:
-                    short = SHORT.get(response.type_url, response.type_url)
-                    self.others[short] = self.others.get(short, 0) + 1
+            await self.serve(call)
+
+    async def serve(self, call) -> None:
+        """Subscribe like Envoy, then answer every response (`call`: grpc.aio's or lean)."""
+        await call.write(self.request(CDS))
+        await call.write(self.request(LDS))
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise ConnectionError(f"{self.node.id}: stream closed by the server")
+            received = time.monotonic()
+            self.received += 1
+            await self.answer(call, response)
+            if response.type_url == RDS:
+                self.routes_seen.update(_names(response))
+                if self.recording:
+                    self.rds.append((response.version_info, received, time.monotonic(),
+                                     response.ByteSize(), len(response.resources)))  # fmt: skip
+                wanted = self.names[RDS]
+                if wanted and self.routes_seen.issuperset(wanted):
+                    self.synced.set()
+            elif self.recording:
+                short = SHORT.get(response.type_url, response.type_url)
+                self.others[short] = self.others.get(short, 0) + 1
 
     async def answer(self, call, response: discovery_pb2.DiscoveryResponse) -> None:
         """ACK, then subscribe to what the response names (EDS after CDS, SRDS and RDS after
@@ -181,6 +197,22 @@ class Client:
             await call.write(self.request(type_url))
 
 
+class _LeanCall:
+    """bench/h2_client.py's call with grpc.aio's read/write of messages."""
+
+    def __init__(self, h2: H2Call) -> None:
+        self.h2 = h2
+
+    async def write(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        self.h2.write(request.SerializeToString())
+
+    async def read(self):
+        try:
+            return discovery_pb2.DiscoveryResponse.FromString(await self.h2.read())
+        except StreamClosed:
+            return grpc.aio.EOF
+
+
 def _names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     """The names of the route configurations a response carries."""
     return [route_pb2.RouteConfiguration.FromString(r.value).name for r in response.resources]
@@ -198,7 +230,8 @@ def managers(listener: listener_pb2.Listener) -> list[hcm_pb2.HttpConnectionMana
 
 async def main_async(args: argparse.Namespace) -> None:
     clients = [
-        Client(args.xds, f"bench-ads-{args.first + i:05d}", args.give_up) for i in range(args.count)
+        Client(args.xds, f"bench-ads-{args.first + i:05d}", args.give_up, args.transport)
+        for i in range(args.count)
     ]
     tasks = []
     wave = max(1, round(args.connect_rate / 20))
@@ -234,7 +267,15 @@ def main() -> None:
     parser.add_argument("--connect-rate", type=float, default=1000, help="new streams per second")
     parser.add_argument("--give-up", type=float, default=GIVE_UP_S,
                         help="seconds of failed streams before a client gives up")  # fmt: skip
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--transport", choices=("grpc", "h2"), default="grpc",
+                        help="grpc: grpc.aio; h2: bench/h2_client.py, on uvloop")  # fmt: skip
+    args = parser.parse_args()
+    if args.transport == "h2":
+        import uvloop
+
+        uvloop.run(main_async(args))
+    else:
+        asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,16 @@ METHOD = f"/{ADS_SERVICE}/StreamAggregatedResources"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 
+def run_loop(main) -> None:
+    """asyncio's loop, or uvloop's when the bench was started with --loop uvloop."""
+    if os.environ.get("BENCH_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def route_payload() -> bytes:
     """One model's RDS response as the control plane sends it (no nonce)."""
     sys.path.insert(0, str(HERE.parent))
@@ -163,7 +173,7 @@ def serve_aio(port: int, payload: bytes) -> None:
                     wake.set()
         await server.stop(0)
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 def serve_sync(port: int, payload: bytes) -> None:
@@ -269,7 +279,7 @@ def serve_raw(port: int, payload: bytes) -> None:
                     writer.write(struct.pack(">I", len(message)) + message)
         server.close()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 # -- clients -------------------------------------------------------------------------------
@@ -329,7 +339,7 @@ def run_clients(port: int, streams: int, raw: bool) -> None:
         for task in tasks:
             task.cancel()
 
-    asyncio.run(main())
+    run_loop(main())
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -425,7 +435,10 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the event loop of every process it starts (ADR 0006)")  # fmt: skip
     args = parser.parse_args()
+    os.environ["BENCH_LOOP"] = args.loop  # the processes started below inherit it
     if args.serve:
         {"aio": serve_aio, "sync": serve_sync, "raw": serve_raw}[args.serve](
             args.port, route_payload()
@@ -434,7 +447,7 @@ def main() -> None:
     if args.client:
         run_clients(args.port, args.streams, args.raw)
         return
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    print(f"load average at start: {os.getloadavg()}, loop {args.loop}", flush=True)
     print(f"payload: {len(route_payload())} bytes + nonce", flush=True)
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:

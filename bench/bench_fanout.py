@@ -68,7 +68,8 @@ def model_config(count: int, backend: str) -> list[dict]:
 
 
 def start_clients(
-    xds: str, clients: int, processes: int, nice: int, timeout: float, connect_rate: float
+    xds: str, clients: int, processes: int, nice: int, timeout: float, connect_rate: float,
+    transport: str = "grpc",
 ) -> tuple[list[subprocess.Popen], str]:
     """`processes` client processes holding `clients` streams between them; once all ready.
     Also the layout they found ('rds' or 'scoped' and how many route configurations)."""
@@ -81,7 +82,7 @@ def start_clients(
         argv = ["nice", "-n", str(nice), sys.executable, str(ROOT / "bench" / "ads_clients.py"),
                 "--xds", xds, "--count", str(count), "--first", str(first),
                 "--connect-rate", str(connect_rate / processes),
-                "--give-up", str(timeout)]  # fmt: skip
+                "--give-up", str(timeout), "--transport", transport]  # fmt: skip
         started.append(
             subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         )
@@ -183,7 +184,7 @@ def measure(stack, clients: int, changes: int, args: argparse.Namespace) -> dict
     began = time.monotonic()
     started, layout = start_clients(
         stack.config["listen"]["xds"], clients, processes, args.nice, args.sync_timeout,
-        args.connect_rate,
+        args.connect_rate, args.client_transport,
     )  # fmt: skip
     try:
         synced_s = time.monotonic() - began
@@ -249,11 +250,15 @@ def main() -> None:
                         help="new streams per second, all processes together")  # fmt: skip
     parser.add_argument("--sync-timeout", type=float, default=300,
                         help="seconds for every client to get its configuration")  # fmt: skip
+    parser.add_argument("--client-transport", choices=("grpc", "h2"), default="grpc",
+                        help="the simulated Envoys' gRPC: grpc.aio, or bench/h2_client.py "
+                             "(cheaper per response, nearer a real Envoy's share)")  # fmt: skip
     args = parser.parse_args()
     counts = [int(count) for count in args.clients.split(",")]
 
     print(f"fan-out: {args.models} models, weight changes {args.gap} s apart "
-          f"({args.warmup} warm-up) per client count", flush=True)  # fmt: skip
+          f"({args.warmup} warm-up) per client count, clients on {args.client_transport}",
+          flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         tmp_path = Path(tmp)
         with (

@@ -35,7 +35,7 @@ from controlplane.reconciler.adapters import with_adapters
 from controlplane.reconciler.local import LocalRuntime
 from controlplane.reconciler.runtime import Runtime
 from controlplane.rollout.engine import RolloutEngine
-from controlplane.tls import is_loopback, read_pem, server_credentials
+from controlplane.tls import is_loopback, read_pem, server_context
 from controlplane.xds.snapshot import ROUTE
 
 log = logs.get("service")
@@ -95,7 +95,7 @@ class Stack:
         check_admin_exposure(self.config, self.token)
         check_xds_exposure(self.config)
         tls = self.config.xds.tls
-        credentials = server_credentials(tls) if tls else None
+        ssl_context = server_context(tls) if tls else None
         if tls and self.with_envoy:  # the Envoy we run reads these: fail here, not in a loop
             for key in ("envoy_cert", "envoy_key", "envoy_ca"):
                 if getattr(tls, key):
@@ -134,7 +134,7 @@ class Stack:
         host, port = split_hostport(self.config.listen.xds)
         try:
             await self.controller.xds.start(
-                host, port, services=[self.envoy_stats.add_to], credentials=credentials
+                host, port, services=[self.envoy_stats.methods()], ssl_context=ssl_context
             )
         except OSError as exc:
             raise _busy("listen.xds", self.config.listen.xds, exc) from None

@@ -56,7 +56,11 @@ CANARY = {
     "model": MODEL,
     "to": "v2",
     "strategy": "canary",
-    "steps": [{"set_weight": 50}, {"pause": {"seconds": 2}}, {"set_weight": 100}],
+    # v2 serves half, then all for 3 s before the rollback: long enough for a 5 s rate
+    # window to show it (without the last pause the rollback followed at once, and how
+    # much of v2's 100 % a window caught depended on the machine's speed).
+    "steps": [{"set_weight": 50}, {"pause": {"seconds": 2}}, {"set_weight": 100},
+              {"pause": {"seconds": 3}}],
     "analysis": {"interval_seconds": 1, "min_requests": 5, "max_error_rate": 0.5},
 }
 RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1 s scrape: 4 scrapes

@@ -31,6 +31,7 @@ from controlplane.health.envoy_stats import (
 from controlplane.health.signals import HealthSignals
 from controlplane.service import Stack
 from controlplane.xds.resources import stats_name
+from controlplane.xds.transport import GrpcServer
 from tests.conftest import ROOT, EnvoyProcess, free_ports, write_config
 
 MODEL = "llama-3.1-8b"  # a dot: Envoy would cut the cluster name there
@@ -169,10 +170,8 @@ async def test_flushes_become_per_version_deltas_summed_over_envoys() -> None:
         models={"org/m:7b": SimpleNamespace(name="org/m:7b", versions={"v1": None})}
     )
     receiver = EnvoyStatsReceiver(signals, state, clock=lambda: NOW)
-    server = grpc.aio.server()
-    receiver.add_to(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server = GrpcServer(receiver.methods())
+    port = await server.start("127.0.0.1", 0)
     try:
         first = message(
             "edge-1",
@@ -198,7 +197,7 @@ async def test_flushes_become_per_version_deltas_summed_over_envoys() -> None:
         await stream(port, first, later)
         await stream(port, message("edge-2", responses("m@v1", "2", 5), latency("m@v1", [3.0])))
     finally:
-        await server.stop(None)
+        await server.stop()
 
     v1 = signals.window("m", "v1", 60, now=NOW)
     assert v1.requests == 8 + 2 + 5 + 5

@@ -66,7 +66,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from controlplane import logs
@@ -74,6 +73,7 @@ from controlplane._gen.switchyard_metrics import metrics_service_pb2, prometheus
 from controlplane.health.signals import Delta, HealthSignals, Histogram
 from controlplane.state import State
 from controlplane.xds.resources import stats_name
+from controlplane.xds.transport import Call, Opener
 
 log = logs.get("health.envoy")
 
@@ -319,35 +319,12 @@ class EnvoyStatsReceiver:
         self._stream_ids = itertools.count(1)
         self._names: dict[str, str] = {}  # stat name -> cluster name
 
-    def add_to(self, server: grpc.aio.Server) -> None:
-        """Serve the MetricsService on `server` (the ADS server: Envoys already reach it)."""
-        handler = grpc.stream_unary_rpc_method_handler(
-            self.StreamMetrics,
-            request_deserializer=None,  # the flush as bytes: on_flush reads what it needs
-            response_serializer=metrics_service_pb2.StreamMetricsResponse.SerializeToString,
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"StreamMetrics": handler}),)
-        )
+    def methods(self) -> dict[str, Opener]:
+        """The MetricsService, for the ADS server's port (Envoys already reach it)."""
+        return {METHOD: self._open}
 
-    async def StreamMetrics(self, request_iterator, context):
-        key = f"stats-{next(self._stream_ids)}"
-        node = ""
-        try:
-            async for message in request_iterator:
-                if not node:
-                    first = metrics_service_pb2.StreamMetricsMessage.FromString(message)
-                    node = first.identifier.node.id or context.peer()
-                    self.streams[key] = node
-                    logs.event(log, "envoy_stats.connected", node=node, stream=key)
-                try:
-                    self.on_flush(node, message)
-                except Exception as exc:  # a bad flush must not end the stream
-                    logs.event(log, "envoy_stats.bad_flush", logging.WARNING, node=node, error=exc)
-        finally:
-            if self.streams.pop(key, None) is not None:
-                logs.event(log, "envoy_stats.disconnected", node=node, stream=key)
-        return metrics_service_pb2.StreamMetricsResponse()
+    def _open(self, call: Call) -> _StatsCall:
+        return _StatsCall(self, call, f"stats-{next(self._stream_ids)}")
 
     def on_flush(self, node: str, message) -> int:
         """Push one flush's Deltas (`message`: a StreamMetricsMessage, or its bytes); returns
@@ -378,3 +355,32 @@ class EnvoyStatsReceiver:
                         self._names[stat_name(real)] = real
             cluster = self._names.setdefault(name, name)
         return cluster
+
+
+class _StatsCall:
+    """One Envoy's stats stream: each flush is read as it arrives; the service answers once,
+    when the Envoy ends the stream."""
+
+    __slots__ = ("call", "key", "node", "receiver")
+
+    def __init__(self, receiver: EnvoyStatsReceiver, call: Call, key: str) -> None:
+        self.receiver, self.call, self.key, self.node = receiver, call, key, ""
+
+    def on_message(self, message: bytes) -> None:
+        receiver = self.receiver
+        if not self.node:
+            first = metrics_service_pb2.StreamMetricsMessage.FromString(message)
+            self.node = first.identifier.node.id or self.call.peer
+            receiver.streams[self.key] = self.node
+            logs.event(log, "envoy_stats.connected", node=self.node, stream=self.key)
+        try:
+            receiver.on_flush(self.node, message)
+        except Exception as exc:  # a bad flush must not end the stream
+            logs.event(log, "envoy_stats.bad_flush", logging.WARNING, node=self.node, error=exc)
+
+    def on_end(self) -> None:
+        if self.receiver.streams.pop(self.key, None) is not None:
+            logs.event(log, "envoy_stats.disconnected", node=self.node, stream=self.key)
+        if not self.call.closed:
+            self.call.send(metrics_service_pb2.StreamMetricsResponse().SerializeToString())
+            self.call.close()

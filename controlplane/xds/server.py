@@ -5,19 +5,25 @@ version the Envoy ACKed and any NACK. It serves whatever snapshot is current, in
 make-before-break order (clusters, endpoints, listeners, routes), waits for a type's ACK
 before sending it again (so rapid changes coalesce), and never resends a version an Envoy
 NACKed. `wait_applied` lets the admin API answer only once every Envoy runs a change.
+
+The transport is controlplane/xds/transport.py (ADR 0006): a change is written to every
+stream by `publish` itself, and an Envoy's answer handled as it is read, with no task per
+stream and no hand-off to other threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import logs, metrics
@@ -33,9 +39,11 @@ from controlplane.xds.snapshot import (
     Packed,
     Snapshot,
 )
+from controlplane.xds.transport import INTERNAL, Call, GrpcServer, Opener
 
 log = logs.get("xds")
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+ADS_METHOD = f"/{ADS_SERVICE}/StreamAggregatedResources"
 # How many past versions per type are kept to send an Envoy only what changed since the one
 # it runs (an Envoy further behind gets everything).
 HISTORY = 16
@@ -82,7 +90,7 @@ class EnvoyStream:
     node_cluster: str = ""
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeState] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    call: Call | None = None  # its gRPC call: where responses are written
 
     def applied(self, snapshot: Snapshot, seq: int = 0) -> bool:
         """It runs `snapshot` (published as number `seq`), or a later publication: a
@@ -125,7 +133,7 @@ class XdsServer:
         self._waiters: set[_Waiter] = set()  # the wait_applied calls under way
         self._nonces = itertools.count(1)
         self._stream_ids = itertools.count(1)
-        self._server: grpc.aio.Server | None = None
+        self._server: GrpcServer | None = None
         self.port: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -134,51 +142,31 @@ class XdsServer:
         self,
         host: str,
         port: int,
-        services: Iterable[Callable[[grpc.aio.Server], None]] = (),
-        credentials: grpc.ServerCredentials | None = None,
+        services: Iterable[dict[str, Opener]] = (),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> int:
-        """Listen for ADS, and for each of `services` (an `add_to(server)`) on the same port;
-        with `credentials` (controlplane.tls), only over mutual TLS."""
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.http2.max_pings_without_data", 0),
-                # gRPC binds with SO_REUSEPORT by default: a second control plane on this port
-                # would start "fine" and silently take half of the Envoys. Make it fail instead.
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        self.add_to(self._server)
-        for add_to in services:
-            add_to(self._server)
+        """Listen for ADS, and for the methods of each of `services` on the same port (the
+        stats push); with `ssl_context` (controlplane.tls), only over mutual TLS."""
+        methods = self.methods()
+        for more in services:
+            methods.update(more)
+        self._server = GrpcServer(methods, ssl_context)
         try:
-            address = f"{host}:{port}"
-            if credentials is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                self.port = self._server.add_secure_port(address, credentials)
-        except RuntimeError:  # grpcio raises (rather than returning 0) when bind fails
+            self.port = await self._server.start(host, port)
+        except OSError as exc:
             self.port = None
-        if not self.port:
-            raise OSError(f"cannot listen for xDS on {host}:{port} (address in use or unavailable)")
-        await self._server.start()
-        logs.event(log, "xds.listening", address=f"{host}:{self.port}", tls=credentials is not None)
+            raise OSError(
+                f"cannot listen for xDS on {host}:{port} (address in use or unavailable)"
+            ) from exc
+        logs.event(log, "xds.listening", address=f"{host}:{self.port}", tls=ssl_context is not None)
         return self.port
 
-    def add_to(self, server: grpc.aio.Server) -> None:
-        """Serve ADS on a gRPC server (shared with other services: the stats push).
+    def methods(self) -> dict[str, Opener]:
+        """ADS, for a GrpcServer (shared with other services: the stats push).
 
         Responses go out as bytes: each is serialized once per change (Snapshot.payload)
         and shared by every stream, which only appends its nonce."""
-        handler = grpc.stream_stream_rpc_method_handler(
-            self.StreamAggregatedResources,
-            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=bytes,
-        )
-        methods = {"StreamAggregatedResources": handler}
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(ADS_SERVICE, methods),)
-        )
+        return {ADS_METHOD: self._open}
 
     async def stop(self, grace: float = 0.5) -> None:
         if self._server is not None:
@@ -199,8 +187,13 @@ class XdsServer:
             self._history.move_to_end((type_url, packed.version))
         while len(self._history) > HISTORY * len(TYPE_ORDER):
             self._history.popitem(last=False)
-        for stream in self.streams.values():
-            stream.wake.set()
+        for stream in list(self.streams.values()):
+            try:
+                self._send_due(stream, snapshot)
+            except Exception as exc:  # one broken stream must not keep the change from the rest
+                logs.event(log, "xds.push_failed", logging.ERROR, node=stream.node_id,
+                           stream=stream.key, error=repr(exc))  # fmt: skip
+                stream.call.close(INTERNAL, "the server failed to push")
 
     async def wait_applied(self, snapshot: Snapshot, timeout: float = 10.0) -> int:
         """Return the number of Envoys once every one that serves our configuration runs
@@ -265,28 +258,20 @@ class XdsServer:
 
     # -- the gRPC stream ---------------------------------------------------------------------
 
-    async def StreamAggregatedResources(self, request_iterator, context):
-        stream = EnvoyStream(key=f"stream-{next(self._stream_ids)}")
+    def _open(self, call: Call) -> _AdsCall:
+        stream = EnvoyStream(key=f"stream-{next(self._stream_ids)}", call=call)
         self.streams[stream.key] = stream
         metrics.xds_connected.set(len(self.streams))
-        writer = asyncio.create_task(self._write_loop(stream, context), name=f"xds-{stream.key}")
-        try:
-            async for request in request_iterator:
-                await self._on_request(stream, request)
-                if writer.done():
-                    break
-        except asyncio.CancelledError:
-            pass
-        finally:
-            writer.cancel()
-            self.streams.pop(stream.key, None)
-            metrics.xds_connected.set(len(self.streams))
-            logs.event(log, "xds.disconnected", node=stream.node_id, stream=stream.key)
-            self._settle(stream, gone=True)
+        return _AdsCall(self, stream)
 
-    async def _on_request(
-        self, stream: EnvoyStream, request: discovery_pb2.DiscoveryRequest
-    ) -> None:
+    def _closed(self, stream: EnvoyStream) -> None:
+        if self.streams.pop(stream.key, None) is None:
+            return
+        metrics.xds_connected.set(len(self.streams))
+        logs.event(log, "xds.disconnected", node=stream.node_id, stream=stream.key)
+        self._settle(stream, gone=True)
+
+    def _on_request(self, stream: EnvoyStream, request: discovery_pb2.DiscoveryRequest) -> None:
         if not stream.node_id and request.node.id:
             stream.node_id, stream.node_cluster = request.node.id, request.node.cluster
             logs.event(log, "xds.connected", node=stream.node_id, stream=stream.key)
@@ -310,7 +295,8 @@ class XdsServer:
             key = _subscription(request)
             if key != ts.names_key:
                 ts.names, ts.names_key = frozenset(request.resource_names), key
-        stream.wake.set()
+        if self.snapshot is not None:
+            self._send_due(stream, self.snapshot)
         if request.response_nonce:
             self._settle(stream)
 
@@ -339,17 +325,11 @@ class XdsServer:
         else:
             ts.acked_version, ts.acked_seq = request.version_info, ts.sent_seq
             ts.nack = None
-            metrics.xds_acks.labels(short).inc()
-            metrics.xds_ack_latency.labels(short).observe(time.perf_counter() - ts.sent_at)
+            series = _series(short)
+            series.acks.inc()
+            series.ack_latency.observe(time.perf_counter() - ts.sent_at)
 
-    async def _write_loop(self, stream: EnvoyStream, context) -> None:
-        while True:
-            await stream.wake.wait()
-            stream.wake.clear()
-            if self.snapshot is not None:
-                await self._send_due(stream, context, self.snapshot)
-
-    async def _send_due(self, stream: EnvoyStream, context, snapshot: Snapshot) -> None:
+    def _send_due(self, stream: EnvoyStream, snapshot: Snapshot) -> None:
         warming = False
         for type_url in TYPE_ORDER:
             ts = stream.types.get(type_url)
@@ -359,7 +339,7 @@ class XdsServer:
                 return  # listeners and routes wait for warm clusters: make before break
             if not ts.pending and self._due(ts, snapshot.versions[type_url]):
                 ts.warming = ts.force
-                await self._send(stream, context, snapshot, type_url, ts)
+                self._send(stream, snapshot, type_url, ts)
                 if type_url == CLUSTER and ENDPOINT in stream.types:
                     stream.types[ENDPOINT].force = True
             # Endpoints are part of a cluster's warming: Envoy ACKs a new cluster only once
@@ -379,19 +359,18 @@ class XdsServer:
         rejected = ts.nack is not None and ts.nack["version"] == version
         return not (rejected and same_names)  # never resend what was NACKed
 
-    async def _send(
-        self, stream, context, snapshot: Snapshot, type_url: str, ts: TypeState
-    ) -> None:
+    def _send(self, stream: EnvoyStream, snapshot: Snapshot, type_url: str, ts: TypeState) -> None:
         payload = snapshot.payload(type_url, ts.names, self._since(type_url, ts))
         nonce = str(next(self._nonces))
         ts.nonce, ts.pending, ts.force = nonce, True, False
         ts.sent_version, ts.sent_names = snapshot.packed[type_url].version, ts.names
         ts.sent_seq = self._seq
         ts.sent_at = time.perf_counter()
-        await context.write(payload + _nonce_field(nonce))
+        stream.call.send(payload + _nonce_field(nonce))
         short = SHORT_NAMES[type_url]
-        metrics.xds_pushes.labels(short).inc()
-        metrics.xds_pushed_bytes.labels(short).inc(len(payload))
+        series = _series(short)
+        series.pushes.inc()
+        series.pushed_bytes.inc(len(payload))
 
     def _since(self, type_url: str, ts: TypeState) -> Packed | None:
         """What this Envoy runs of `type_url`, when it may be sent only what changed since:
@@ -402,6 +381,42 @@ class XdsServer:
         if ts.sent_names is not ts.names and ts.sent_names != ts.names:
             return None
         return self._history.get((type_url, ts.acked_version))
+
+
+class _AdsCall:
+    """One Envoy's ADS call: its requests (ACKs, NACKs, subscriptions) handled as read."""
+
+    __slots__ = ("server", "stream")
+
+    def __init__(self, server: XdsServer, stream: EnvoyStream) -> None:
+        self.server, self.stream = server, stream
+
+    def on_message(self, message: bytes) -> None:
+        try:
+            request = discovery_pb2.DiscoveryRequest.FromString(message)
+        except Exception:  # DecodeError: not a DiscoveryRequest
+            logs.event(log, "xds.bad_request", logging.WARNING, node=self.stream.node_id,
+                       stream=self.stream.key)  # fmt: skip
+            self.stream.call.close(INTERNAL, "not a DiscoveryRequest")
+            return
+        self.server._on_request(self.stream, request)
+
+    def on_end(self) -> None:
+        self.server._closed(self.stream)
+        if not self.stream.call.closed:
+            self.stream.call.close()
+
+
+@functools.cache
+def _series(short: str) -> SimpleNamespace:
+    """A type's metric series, looked up once: `labels()` costs ~3 us, paid per push and
+    per ACK, times every Envoy."""
+    return SimpleNamespace(
+        pushes=metrics.xds_pushes.labels(short),
+        pushed_bytes=metrics.xds_pushed_bytes.labels(short),
+        acks=metrics.xds_acks.labels(short),
+        ack_latency=metrics.xds_ack_latency.labels(short),
+    )
 
 
 def _subscription(request: discovery_pb2.DiscoveryRequest) -> bytes:
