@@ -4,6 +4,8 @@ side by side on the same multi-turn workloads (issue 18).
     python bench/bench_routing.py                       # both workloads, the three modes,
                                                         # a picker kill, a 20 % canary
     python bench/bench_routing.py --rate 20 --seconds 60 --workloads rag
+    python bench/bench_routing.py --modes pa --transports http,grpc,http,grpc --no-kill \
+        --no-canary                                     # Envoy -> picker over HTTP vs gRPC
 
 One `switchyard up` runs three models of one version each with `--replicas` simulated
 replicas (default 4), identical but for `routing`: `rr` (round_robin), `lr` (least_request),
@@ -27,6 +29,10 @@ ext_proc timing, from `proxy.access_log`) and the picker's CPU per request (/pro
 `--kill`, the picker is SIGKILLed halfway through the last `pa` run (its failures are
 counted). Then (unless `--no-canary`) the `shared` workload runs again on `pa`, twice as
 long, during a canary at 20 %: the share v2 served, and each version's hit rate.
+
+`--transports` (default `http`, the default of `picker.transport`): how Envoy asks the
+picker; with several (e.g. `http,grpc,http,grpc`), a fresh stack runs everything for each,
+one after the other, so the transports are compared in one run.
 
 Not a test: nothing fails on a missed goal; the load average is printed first and last.
 """
@@ -259,7 +265,12 @@ def main() -> None:
     parser.add_argument("--no-kill", dest="kill", action="store_false",
                         help="do not kill the picker during the last prefix-aware run")
     parser.add_argument("--no-canary", dest="canary", action="store_false")
+    parser.add_argument("--transports", default="http",
+                        help="picker.transport of each stack, in turn: http, grpc or a list")
     args = parser.parse_args()
+    transports = args.transports.split(",")
+    if not set(transports) <= {"http", "grpc"}:
+        parser.error(f"--transports: http or grpc, got {args.transports!r}")
 
     modes = args.modes.split(",")
     models = [{"name": mode, "routing": MODES[mode], "versions": [
@@ -271,10 +282,18 @@ def main() -> None:
     print(f"bench_routing: {args.replicas} replicas per model, {args.rate:g} req/s open loop, "
           f"{args.seconds:g} s per run, {args.conversations} chats of {args.turns} turns; "
           f"load average {load_average()}", flush=True)  # fmt: skip
+    for transport in transports:
+        print(f"\n== picker.transport: {transport} (load average {load_average()})", flush=True)
+        run_stack(args, modes, models, transport)
+    print(f"\nload average at the end {load_average()}")
+
+
+def run_stack(args, modes: list[str], models: list[dict], transport: str) -> None:
+    """One `switchyard up`: every workload in every mode, then the canary."""
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
         access_log = Path(tmp) / "access.log"
         base = {"proxy": {"access_log": str(access_log)},
-                "picker": {"cache_tokens": CACHE_TOKENS}}  # fmt: skip
+                "picker": {"cache_tokens": CACHE_TOKENS, "transport": transport}}  # fmt: skip
         with switchyard_up(Path(tmp), models, base=base, timeout=120) as stack:
             pids = Path(stack.config["state_dir"]) / "pids"
             for mode in modes:
@@ -319,7 +338,6 @@ def main() -> None:
                         print(f"    first errors: {result.errors[:2]}", flush=True)
             if "pa" in modes and args.canary:
                 canary(stack, args)
-    print(f"\nload average at the end {load_average()}")
 
 
 def canary(stack, args) -> None:
