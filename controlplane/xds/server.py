@@ -279,7 +279,9 @@ class XdsServer:
         if type_url not in TYPE_ORDER:
             logs.event(log, "xds.unknown_type", logging.WARNING, node=stream.node_id, type=type_url)
             return
-        ts = stream.types.setdefault(type_url, TypeState())
+        ts = stream.types.get(type_url)
+        if ts is None:
+            ts = stream.types[type_url] = TypeState()
         if request.response_nonce and request.response_nonce != ts.nonce:
             return  # stale: an answer to a response we have since superseded
         if request.response_nonce:
