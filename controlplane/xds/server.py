@@ -81,6 +81,7 @@ class _Waiter:
     seq: int
     done: asyncio.Future
     pending: set[str] = field(default_factory=set)
+    rejected_by: EnvoyStream | None = None  # the first Envoy found to NACK it
 
 
 @dataclass
@@ -91,6 +92,9 @@ class EnvoyStream:
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeState] = field(default_factory=dict)
     call: Call | None = None  # its gRPC call: where responses are written
+    # It runs something of ours: it ACKed at least one response (or reconnected with a
+    # version it still runs). Only those are waited for.
+    running: bool = False
 
     def applied(self, snapshot: Snapshot, seq: int = 0) -> bool:
         """It runs `snapshot` (published as number `seq`), or a later publication: a
@@ -106,11 +110,6 @@ class EnvoyStream:
                 return type_url, ts.nack
         return None
 
-    @property
-    def running(self) -> bool:
-        """It runs something of ours: it ACKed at least one response (or reconnected with a
-        version it still runs)."""
-        return any(ts.acked_version is not None for ts in self.types.values())
 
     def to_json(self) -> dict:
         return {
@@ -210,9 +209,13 @@ class XdsServer:
         seq = self._seq_of.get(snapshot.version, 0)
         waiter = _Waiter(snapshot, seq, asyncio.get_running_loop().create_future())
         for stream in self._active():
-            if not (stream.applied(snapshot, seq) or stream.rejected(snapshot)):
-                waiter.pending.add(stream.key)
-        if waiter.pending:
+            if stream.applied(snapshot, seq):
+                continue
+            if stream.rejected(snapshot):
+                waiter.rejected_by = stream
+                break
+            waiter.pending.add(stream.key)
+        if waiter.pending and waiter.rejected_by is None:
             self._waiters.add(waiter)
             try:
                 await asyncio.wait_for(waiter.done, timeout)
@@ -227,14 +230,14 @@ class XdsServer:
                 ) from None
             finally:
                 self._waiters.discard(waiter)
-        for stream in self._active():
-            rejection = stream.rejected(snapshot)
-            if rejection:
-                type_url, nack = rejection
-                raise EnvoyRejected(
-                    f"Envoy {stream.node_id} rejected the {SHORT_NAMES[type_url]} update: "
-                    f"{nack['message']}"
-                )
+        stream = waiter.rejected_by
+        rejection = stream.rejected(snapshot) if stream is not None else None
+        if rejection:
+            type_url, nack = rejection
+            raise EnvoyRejected(
+                f"Envoy {stream.node_id} rejected the {SHORT_NAMES[type_url]} update: "
+                f"{nack['message']}"
+            )
         return len(self._active())
 
     def _settle(self, stream: EnvoyStream, gone: bool = False) -> None:
@@ -244,6 +247,8 @@ class XdsServer:
             if stream.key not in waiter.pending:
                 continue
             rejected = not gone and stream.rejected(waiter.snapshot)
+            if rejected:
+                waiter.rejected_by = stream
             if gone or rejected or stream.applied(waiter.snapshot, waiter.seq):
                 waiter.pending.discard(stream.key)
                 if (rejected or not waiter.pending) and not waiter.done.done():
@@ -288,6 +293,7 @@ class XdsServer:
             self._on_answer(stream, type_url, ts, request)
         elif request.version_info and ts.acked_version is None:
             ts.acked_version = request.version_info  # reconnect: what the Envoy still runs
+            stream.running = True
         if type_url in WILDCARD_TYPES:
             ts.names = None
         else:
@@ -326,6 +332,7 @@ class XdsServer:
             )
         else:
             ts.acked_version, ts.acked_seq = request.version_info, ts.sent_seq
+            stream.running = True
             ts.nack = None
             series = _series(short)
             series.acks.inc()
