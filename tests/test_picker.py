@@ -112,24 +112,13 @@ def ask(channel, body: dict | None, metadata=(), hint: list[str] | None = None,
         request_serializer=ext_proc.ProcessingRequest.SerializeToString,
         response_deserializer=ext_proc.ProcessingResponse.FromString,
     )
-    request = ext_proc.ProcessingRequest()
-    if headers_only:
-        request.request_headers.SetInParent()
-        request.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
-    else:
-        request.request_body.body = json.dumps(body).encode()
-        request.request_body.end_of_stream = True
-    if hint is not None:
-        subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
-        subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
+    request = processing_request(body, hint, headers_only)
     return next(iter(process(iter([request]), metadata=metadata, timeout=5)))
 
 
-def ask_http(connection, body: dict | None, candidates: list[str] | None = None,
-             version: str = "m@v1", hint: list[str] | None = None,
-             headers_only: bool = False) -> ext_proc.ProcessingResponse:  # fmt: skip
-    """One ProcessingRequest as Envoy's http_service POSTs it (JSON with proto field names,
-    chunked, the route's attributes); the JSON answer read as Envoy reads it."""
+def processing_request(body: dict | None, hint: list[str] | None,
+                       headers_only: bool) -> ext_proc.ProcessingRequest:  # fmt: skip
+    """The message Envoy sends: the buffered body (or only the headers), GIE's subset hint."""
     request = ext_proc.ProcessingRequest()
     if headers_only:
         request.request_headers.SetInParent()
@@ -138,13 +127,22 @@ def ask_http(connection, body: dict | None, candidates: list[str] | None = None,
         request.request_body.body = json.dumps(body).encode()
         request.request_body.end_of_stream = True
         request.protocol_config.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
+    if hint is not None:
+        subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
+        subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
+    return request
+
+
+def ask_http(connection, body: dict | None, candidates: list[str] | None = None,
+             version: str = "m@v1", hint: list[str] | None = None,
+             headers_only: bool = False) -> ext_proc.ProcessingResponse:  # fmt: skip
+    """One ProcessingRequest as Envoy's http_service POSTs it (JSON with proto field names,
+    chunked, the route's attributes); the JSON answer read as Envoy reads it."""
+    request = processing_request(body, hint, headers_only)
     if candidates is not None:
         attributes = request.attributes[EXT_PROC]
         attributes.update({PICKER_ATTRIBUTES[0]: version,
                            PICKER_ATTRIBUTES[1]: ",".join(candidates)})  # fmt: skip
-    if hint is not None:
-        subset = request.metadata_context.filter_metadata["envoy.lb.subset_hint"]
-        subset.fields["x-gateway-destination-endpoint-subset"].list_value.extend(hint)
     message = json_format.MessageToJson(request, preserving_proto_field_name=True).encode()
     connection.putrequest("POST", PICKER_HTTP_PATH)
     connection.putheader("content-type", "application/json")
