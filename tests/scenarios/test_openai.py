@@ -38,7 +38,10 @@ def test_streaming_chat_arrives_in_chunks_and_usage_only_when_asked(client):
     chunks = stream(stream_options={"include_usage": True})
     assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
     finished = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finished[-1] == "length" and len(finished) >= 6  # one chunk per token at least
+    # Streamed, not one blob at the end. Not one chunk per token: a busy vLLM merges the
+    # tokens its engine made between two turns of its API server into one chunk (CI saw 4
+    # chunks for 6 tokens on a loaded machine).
+    assert finished[-1] == "length" and len(finished) >= 2
     # vLLM 0.32 sends usage in a stream only with include_usage: `{}` means no usage
     assert all(c.usage is None for c in stream(stream_options={}))
     assert all(c.usage is None for c in stream())
