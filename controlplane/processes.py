@@ -12,12 +12,15 @@ import ctypes
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from controlplane import logs
 
 log = logs.get("processes")
 PR_SET_PDEATHSIG = 1
+MAX_BACKOFF_S = 5.0  # a supervised child that keeps dying is restarted at most this often
+HEALTHY_RUN_S = 30.0  # one that ran this long before dying was not crash-looping
 
 
 def _die_with_parent() -> None:
@@ -105,3 +108,63 @@ async def wait_port(host: str, port: int, timeout: float, process=None) -> bool:
         except OSError:
             await asyncio.sleep(0.05)
     return False
+
+
+class Supervised:
+    """One child (`argv()` is asked at each start) restarted with backoff whenever it exits
+    unasked: Envoy, the endpoint picker. A run of HEALTHY_RUN_S resets the backoff, else
+    every crash after a few old ones would cost MAX_BACKOFF_S of outage. `on_exit(code,
+    restarts)` says so (the log line) before the wait, `on_restart()` after it (a metric)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Callable[[], list[str]],
+        state_dir: Path,
+        on_exit: Callable[[int | None, int], None],
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name, self.argv, self.state_dir = name, argv, state_dir
+        self.on_exit, self.on_restart = on_exit, on_restart
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    async def start(self) -> None:
+        """Start it (once; later calls do nothing)."""
+        if self._task is not None:
+            return
+        self.process = await spawn(self.name, self.argv(), self.state_dir)
+        self._task = asyncio.create_task(self._supervise(), name=f"{self.name}-supervisor")
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            assert self.process is not None
+            started = loop.time()
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            if loop.time() - started >= HEALTHY_RUN_S:
+                backoff = 0.1
+            self.on_exit(code, self.restarts)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self.restarts += 1
+            self.on_restart()
+            self.process = await spawn(self.name, self.argv(), self.state_dir)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.process is not None:
+            await stop(self.name, self.process, self.state_dir)

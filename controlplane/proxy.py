@@ -6,8 +6,6 @@ so it ships in the wheel and the image; envoy/bootstrap.yaml links to it for rea
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import shutil
 import socket
@@ -23,11 +21,9 @@ from controlplane.config import Config, split_hostport
 from controlplane.errors import ConfigError
 
 log = logs.get("proxy")
-MAX_BACKOFF_S = 5.0
 UPSTREAM_TLS_CONTEXT = (
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 )
-HEALTHY_RUN_S = 30.0  # an Envoy that ran this long before dying was not crash-looping
 
 
 def render_bootstrap(
@@ -110,28 +106,23 @@ def envoy_binary() -> str:
     return found
 
 
-class EnvoySupervisor:
+class EnvoySupervisor(processes.Supervised):
     """Runs one Envoy and restarts it (with backoff) whenever it dies unexpectedly."""
 
     def __init__(self, config: Config, state_dir: Path, node_id: str | None = None) -> None:
+        super().__init__("envoy", self._argv, state_dir, _exited, metrics.proxy_restarts.inc)
         self.config = config
-        self.state_dir = state_dir
         self.node_id = node_id
-        self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self._task: asyncio.Task | None = None
-        self._stopping = False
         self._bootstrap = state_dir / "envoy-bootstrap.yaml"
 
     async def start(self) -> None:
         self._bootstrap.parent.mkdir(parents=True, exist_ok=True)
         self._bootstrap.write_text(render_bootstrap(self.config, self.node_id))
-        await self._launch()
-        self._task = asyncio.create_task(self._supervise(), name="envoy-supervisor")
+        await super().start()
 
-    async def _launch(self) -> None:
+    def _argv(self) -> list[str]:
         _, proxy_port = split_hostport(self.config.listen.proxy)
-        argv = [
+        return [
             envoy_binary(),
             "-c",
             str(self._bootstrap),
@@ -144,35 +135,11 @@ class EnvoySupervisor:
             "--drain-time-s",
             "1",
         ]
-        self.process = await processes.spawn("envoy", argv, self.state_dir)
-
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
-            assert self.process is not None
-            started = loop.time()
-            code = await self.process.wait()
-            if self._stopping:
-                return
-            if loop.time() - started >= HEALTHY_RUN_S:
-                backoff = 0.1  # else every crash after a few old ones would cost 5 s of outage
-            logs.event(log, "envoy.exited", code=code, restarts=self.restarts)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-            self.restarts += 1
-            metrics.proxy_restarts.inc()
-            await self._launch()
 
     async def wait_ready(self, timeout: float = 20.0) -> bool:
         host, port = split_hostport(self.config.listen.proxy)
         return await processes.wait_port(host, port, timeout, self.process)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.process is not None:
-            await processes.stop("envoy", self.process, self.state_dir)
+
+def _exited(code: int | None, restarts: int) -> None:
+    logs.event(log, "envoy.exited", code=code, restarts=restarts)

@@ -8,8 +8,6 @@ Envoy routes by least request (fail-open), so its absence costs no request.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -18,8 +16,6 @@ from controlplane import logs, processes
 from controlplane.config import PickerSettings
 
 log = logs.get("picker")
-MAX_BACKOFF_S = 5.0
-HEALTHY_RUN_S = 30.0  # a picker that ran this long before dying was not crash-looping
 NAME = "picker"
 
 
@@ -45,51 +41,19 @@ def picker_argv(
     return argv
 
 
-class PickerSupervisor:
+class PickerSupervisor(processes.Supervised):
     """Runs one picker and restarts it (with backoff) whenever it exits unasked."""
 
     def __init__(self, argv: list[str], state_dir: Path) -> None:
-        self.argv = argv
-        self.state_dir = state_dir
-        self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self._task: asyncio.Task | None = None
-        self._stopping = False
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None
+        super().__init__(NAME, lambda: argv, state_dir, _exited)
 
     async def start(self) -> None:
         """Start it (once; later calls do nothing)."""
-        if self._task is not None:
+        if self.running:
             return
-        self.process = await processes.spawn(NAME, self.argv, self.state_dir)
-        self._task = asyncio.create_task(self._supervise(), name="picker-supervisor")
+        await super().start()
         logs.event(log, "picker.started", pid=self.process.pid)
 
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
-            assert self.process is not None
-            started = loop.time()
-            code = await self.process.wait()
-            if self._stopping:
-                return
-            if loop.time() - started >= HEALTHY_RUN_S:
-                backoff = 0.1
-            logs.event(log, "picker.exited", logging.WARNING, code=code, restarts=self.restarts)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-            self.restarts += 1
-            self.process = await processes.spawn(NAME, self.argv, self.state_dir)
 
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.process is not None:
-            await processes.stop(NAME, self.process, self.state_dir)
+def _exited(code: int | None, restarts: int) -> None:
+    logs.event(log, "picker.exited", logging.WARNING, code=code, restarts=restarts)
