@@ -115,6 +115,24 @@ def report(line: str) -> None:
     sys.stdout.flush()
 
 
+async def command_loop(pushes: Pushes, push) -> None:
+    """The bench's commands on stdin, for an asyncio server: `streams` (how many are
+    connected) and `push` (start a push: `push()` sends it to every stream)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().strip():
+        if line == "streams":
+            report(f"streams {pushes.streams}")
+        elif line == "push":
+            pushes.seq += 1
+            pushes.acked = 0
+            pushes.started = time.perf_counter()
+            if pushes.streams == 0:
+                report("done 0")
+            push()
+
+
 def serve_aio(port: int, payload: bytes) -> None:
     pushes = Pushes(payload)
     wakes: set[asyncio.Event] = set()
@@ -157,20 +175,12 @@ def serve_aio(port: int, payload: bytes) -> None:
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         report("listening")
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := (await reader.readline()).decode().strip():
-            if line == "streams":
-                report(f"streams {pushes.streams}")
-            elif line == "push":
-                pushes.seq += 1
-                pushes.acked = 0
-                pushes.started = time.perf_counter()
-                if pushes.streams == 0:
-                    report("done 0")
-                for wake in wakes:
-                    wake.set()
+
+        def push() -> None:
+            for wake in wakes:
+                wake.set()
+
+        await command_loop(pushes, push)
         await server.stop(0)
 
     run_loop(main())
@@ -261,22 +271,14 @@ def serve_raw(port: int, payload: bytes) -> None:
     async def main():
         server = await asyncio.start_server(on_client, "127.0.0.1", port, reuse_port=True)
         report("listening")
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := (await reader.readline()).decode().strip():
-            if line == "streams":
-                report(f"streams {pushes.streams}")
-            elif line == "push":
-                pushes.seq += 1
-                pushes.acked = 0
-                pushes.started = time.perf_counter()
-                if pushes.streams == 0:
-                    report("done 0")
-                for writer in writers:
-                    writers[writer] = str(pushes.seq).encode()
-                    message = pushes.payload + nonce_field(str(pushes.seq))
-                    writer.write(struct.pack(">I", len(message)) + message)
+
+        def push() -> None:
+            for writer in writers:
+                writers[writer] = str(pushes.seq).encode()
+                message = pushes.payload + nonce_field(str(pushes.seq))
+                writer.write(struct.pack(">I", len(message)) + message)
+
+        await command_loop(pushes, push)
         server.close()
 
     run_loop(main())
