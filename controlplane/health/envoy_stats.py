@@ -381,6 +381,5 @@ class _StatsCall:
     def on_end(self) -> None:
         if self.receiver.streams.pop(self.key, None) is not None:
             logs.event(log, "envoy_stats.disconnected", node=self.node, stream=self.key)
-        if not self.call.closed:
+        if not self.call.closed:  # half-closed: answer; the transport then ends it with OK
             self.call.send(metrics_service_pb2.StreamMetricsResponse().SerializeToString())
-            self.call.close()

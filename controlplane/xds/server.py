@@ -110,7 +110,6 @@ class EnvoyStream:
                 return type_url, ts.nack
         return None
 
-
     def to_json(self) -> dict:
         return {
             "node_id": self.node_id,
@@ -411,9 +410,7 @@ class _AdsCall:
         self.server._on_request(self.stream, request)
 
     def on_end(self) -> None:
-        self.server._closed(self.stream)
-        if not self.stream.call.closed:
-            self.stream.call.close()
+        self.server._closed(self.stream)  # a half-closed call the transport then ends with OK
 
 
 @functools.cache

@@ -13,8 +13,9 @@ Not served: compression (nobody asks for it here), server push, HTTP/1.
 
 A method is served by an `open(call) -> receiver` function: the receiver's `on_message`
 gets each request message (bytes), and `on_end` once, when the call is over: the client
-half-closed (then `call.closed` is False and it may still answer) or the call was reset,
-the connection lost or the server stopped (`call.closed` is True).
+half-closed (then `call.closed` is False: it may still answer, and the call then ends with
+OK unless it closed it otherwise) or the call was reset, the connection lost or the server
+stopped (`call.closed` is True).
 """
 
 from __future__ import annotations
