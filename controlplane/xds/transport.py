@@ -65,6 +65,19 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(size >> 8, size & 0xFF, kind, flags, stream_id) + payload
 
 
+class Framed:
+    """A response message framed once for every call it goes to (XdsServer.publish sends
+    the same bytes to every Envoy): the gRPC prefix and the DATA frame header but for the
+    stream id, which each call adds. Writing it to a call then copies it once."""
+
+    __slots__ = ("body", "head", "size")
+
+    def __init__(self, message: bytes) -> None:
+        self.size = size = len(message) + 5
+        self.head = _HEADER.pack(size >> 8, size & 0xFF, DATA, 0, 0)[:5]  # length, type, flags
+        self.body = _PREFIX.pack(0, size - 5) + message
+
+
 class Receiver(Protocol):
     def on_message(self, message: bytes) -> None: ...
     def on_end(self) -> None: ...
@@ -92,6 +105,7 @@ class Call:
         "ended",
         "headers_sent",
         "id",
+        "id_bytes",
         "path",
         "peer",
         "pending",
@@ -104,6 +118,7 @@ class Call:
     def __init__(self, conn: _Connection, stream_id: int, path: str) -> None:
         self.conn = conn
         self.id = stream_id
+        self.id_bytes = stream_id.to_bytes(4, "big")  # the last 4 bytes of its frame headers
         self.path = path
         self.peer = conn.peer
         self.receiver: Receiver | None = None
@@ -117,16 +132,19 @@ class Call:
         self.ended = False  # the receiver's on_end ran
         self.close_after: tuple[int, str] | None = None  # trailers waiting for pending DATA
 
-    def send(self, message: bytes) -> None:
-        """Send one response message (serialized): written at once unless the peer's flow
-        control windows hold it back; then it goes out as they open, in order."""
+    def send(self, message: bytes | Framed) -> None:
+        """Send one response message (serialized, or framed once for many calls): written
+        at once unless the peer's flow control windows hold it back; then it goes out as
+        they open, in order."""
         if self.closed:
             return
         conn = self.conn
         if not self.headers_sent:
             self.headers_sent = True
             conn.write(frame(HEADERS, END_HEADERS, self.id, conn.encoder.encode(_GRPC_HEADERS)))
-        size = len(message) + 5
+        if type(message) is not Framed:
+            message = Framed(message)
+        size = message.size
         if (
             not self.pending
             and size <= self.send_window
@@ -135,12 +153,9 @@ class Call:
         ):
             self.send_window -= size
             conn.send_window -= size
-            conn.write(b"".join((
-                _HEADER.pack(size >> 8, size & 0xFF, DATA, 0, self.id),
-                _PREFIX.pack(0, size - 5), message,
-            )))  # fmt: skip
+            conn.write(b"".join((message.head, self.id_bytes, message.body)))
             return
-        self.pending.append(memoryview(_PREFIX.pack(0, size - 5) + message))
+        self.pending.append(memoryview(message.body))
         conn.flush(self)
 
     def close(self, status: int = OK, message: str = "") -> None:
@@ -292,7 +307,10 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
-        buffer += data
+        if buffer or not self.preface:  # the rest of a frame begun in an earlier read
+            buffer += data
+            data = buffer
+        # else (most reads: whole frames, an ACK) parsed from `data` itself, not copied
         try:
             start = 0
             if not self.preface:
@@ -304,20 +322,25 @@ class _Connection(asyncio.Protocol):
                     raise ConnectionFailed(PROTOCOL_ERROR, "not an HTTP/2 client")
                 self.preface = True
                 start = len(PREFACE)
-            end = len(buffer)
+            end = len(data)
             while end - start >= 9:
-                high, low, kind, flags, stream_id = _HEADER.unpack_from(buffer, start)
+                high, low, kind, flags, stream_id = _HEADER.unpack_from(data, start)
                 size = (high << 8) | low
                 if size > MAX_FRAME:
                     raise ConnectionFailed(FRAME_SIZE_ERROR, f"a frame of {size} bytes")
                 if end - start < 9 + size:
                     break
-                payload = bytes(buffer[start + 9 : start + 9 + size])
+                payload = data[start + 9 : start + 9 + size]
+                if data is buffer:
+                    payload = bytes(payload)
                 start += 9 + size
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
                 if self.transport is None or self.transport.is_closing():
                     return
-            del buffer[:start]
+            if data is buffer:
+                del buffer[:start]
+            elif start < end:
+                buffer += memoryview(data)[start:]  # a frame's beginning
         except ConnectionFailed as exc:
             self._fail(exc.code, str(exc))
         except Exception as exc:  # a bug of ours: end this connection, not the server
