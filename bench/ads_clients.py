@@ -10,9 +10,11 @@ clusters CDS named, and routes the way the listener asks for them. Two layouts:
   `route_configuration_name` of every scope, as Envoy does.
 
 Every response is ACKed with its version and nonce and the current resource names (the
-subscription); a stream that fails is opened again after 0.1-1 s, as Envoy does. A
-state-of-the-world RDS or EDS response may carry only some of the subscribed resources (the
-ones that changed); SRDS, like CDS and LDS, is taken as complete.
+subscription), the node only in a stream's first request (as Envoy does with our
+bootstrap's `set_node_on_first_message_only`); a stream that fails is opened again after
+0.1-1 s, as Envoy does. A state-of-the-world RDS or EDS response may carry only some of
+the subscribed resources (the ones that changed); SRDS, like CDS and LDS, is taken as
+complete.
 Run by bench/bench_fanout.py in processes of their own, so the control plane's event loop
 serves them exactly as it serves Envoys:
 
@@ -66,6 +68,7 @@ class Client:
         self.node = base_pb2.Node(id=node_id, cluster="bench-fanout")
         self.names: dict[str, list[str]] = {CDS: [], LDS: [], EDS: [], RDS: [], SRDS: []}
         self.acked: dict[str, tuple[str, str]] = {}  # type -> (version, nonce) last ACKed
+        self.node_sent = False  # on this stream: the node goes in its first request only
         self.subscribed: set[str] = {CDS, LDS}
         self.listener_routes: set[str] = set()  # RDS names the listener gives (layout `rds`)
         self.scope_routes: set[str] = set()  # RDS names the scopes give (Scoped RDS)
@@ -78,11 +81,17 @@ class Client:
         self.received = 0  # responses, all streams together
 
     def request(self, type_url: str) -> discovery_pb2.DiscoveryRequest:
+        """The next request of `type_url`; the node only in the stream's first, as Envoy
+        sends it with our bootstrap (`set_node_on_first_message_only`)."""
         version, nonce = self.acked.get(type_url, ("", ""))
-        return discovery_pb2.DiscoveryRequest(
-            node=self.node, type_url=type_url, resource_names=self.names[type_url],
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=self.names[type_url],
             version_info=version, response_nonce=nonce,
         )  # fmt: skip
+        if not self.node_sent:
+            request.node.CopyFrom(self.node)
+            self.node_sent = True
+        return request
 
     async def run(self) -> None:
         """One ADS stream after the other: like Envoy, reconnect (after 0.1-1 s, jittered)
@@ -109,6 +118,7 @@ class Client:
         for type_url in self.names:
             self.names[type_url] = []
         self.acked.clear()
+        self.node_sent = False
         self.subscribed = {CDS, LDS}
         self.listener_routes, self.scope_routes = set(), set()
 
