@@ -217,6 +217,25 @@ def test_an_endpoint_busier_than_the_others_and_short_of_kv_cache_loses_its_pref
         busy_servers.close()
 
 
+def test_an_endpoint_that_does_not_answer_is_listed_last_until_it_is_back(picker, servers):
+    """Its metrics cannot be read (nothing listens): every answer names it last. Once a
+    server listens there, it is read again and chosen like the others."""
+    port = free_port()
+    candidates = [*servers.endpoints, f"127.0.0.1:{port}"]
+    metadata = (("x-switchyard-pool", "m@v1"),
+                ("x-gateway-destination-endpoint-subset", ",".join(candidates)))  # fmt: skip
+    ask(picker, {"model": "m", "prompt": "first"}, metadata)
+    time.sleep(0.2)  # a few reads
+    for i in range(6):
+        answer = ask(picker, {"model": "m", "prompt": f"while down {i} " * 30}, metadata)
+        assert chosen(answer)[-1] == candidates[-1]
+    asyncio.run_coroutine_threadsafe(servers._start(port, {}), servers.loop).result(10)
+    time.sleep(0.2)
+    firsts = [chosen(ask(picker, {"model": "m", "prompt": f"back {i} " * 30}, metadata))[0]
+              for i in range(8)]  # fmt: skip
+    assert candidates[-1] in firsts
+
+
 def test_a_gateway_may_send_the_candidates_as_gie_subset_hint(picker, servers):
     answer = ask(picker, {"model": "m", "prompt": "hello " * 100}, hint=servers.endpoints)
     assert sorted(chosen(answer)) == sorted(servers.endpoints)

@@ -10,9 +10,11 @@ This transport carries no gRPC metadata: the version and its candidates come as 
 attributes, which Envoy evaluates from the route's metadata (resources.PICKER_ATTRIBUTES),
 or as GIE's subset hint in metadata `envoy.lb.subset_hint`.
 
-A plain asyncio protocol on its own event loop thread, not a web framework: measured, a
-POST answered this way costs ~0.08 ms of CPU, a grpcio call ~0.6 ms (bench/
-bench_picker_transport.py). It listens on loopback only and speaks to Envoy only: requests
+A plain asyncio protocol (framing: http1.py), not a web framework: measured, a POST
+answered this way costs ~0.08 ms of CPU, a grpcio call ~0.6 ms (bench/
+bench_picker_transport.py). It runs on the picker's event loop, the one that also reads the
+endpoints' metrics (load.py): one thread, so the requests never wait for another to hand
+over Python's GIL. It listens on loopback only and speaks to Envoy only: requests
 it cannot frame get a 400 and the connection is closed.
 """
 
@@ -23,12 +25,12 @@ import base64
 import binascii
 import json
 import logging
-import threading
 import time
 
 from controlplane import logs
 from controlplane.config import split_hostport
 from controlplane.picker import metrics
+from controlplane.picker.http1 import BadMessage, read_body, read_head
 from controlplane.xds.resources import (
     DESTINATION_HEADER,
     EXT_PROC,
@@ -41,32 +43,19 @@ from controlplane.xds.resources import (
 log = logs.get("picker")
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"  # GIE: the candidates, when the proxy sends them
 POOL_ATTRIBUTE, SUBSET_ATTRIBUTE = PICKER_ATTRIBUTES
-MAX_HEAD_BYTES = 16 * 1024
 # A ProcessingRequest is the request body base64-encoded (4/3 of it) in a little JSON.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PATH = PICKER_HTTP_PATH.encode()
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-
-class BadRequest(Exception):
-    """A request the service cannot frame: answered with `status`, then the connection
-    is closed (what follows on it cannot be trusted)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 class HttpService:
-    """The ext_proc HTTP service in front of a Picker, on an event loop thread of its own."""
+    """The ext_proc HTTP service in front of a Picker, on the picker's event loop."""
 
-    def __init__(self, picker, listen: str) -> None:
+    def __init__(self, picker, listen: str, loop: asyncio.AbstractEventLoop) -> None:
         self.picker = picker
         self.listen = listen
         self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="picker-http",
-                                        daemon=True)  # fmt: skip
+        self._loop = loop  # the picker's, running in its own thread (service.serve)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Transport] = set()
 
@@ -75,13 +64,8 @@ class HttpService:
         return f"{split_hostport(self.listen)[0]}:{self.port}"
 
     def start(self) -> None:
-        """Listen (OSError if the port is taken), then serve on the loop thread."""
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
-        except BaseException:
-            self.stop()
-            raise
+        """Listen (OSError if the port is taken), then serve on the loop."""
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
 
     async def _listen(self) -> None:
         host, port = split_hostport(self.listen)
@@ -93,10 +77,6 @@ class HttpService:
     def stop(self) -> None:
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._loop.is_running():
-            self._loop.close()
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -171,7 +151,7 @@ class Exchange(asyncio.Protocol):
         while self.transport is not None and not self.transport.is_closing():
             try:
                 request = next_request(self.buffer)
-            except BadRequest as exc:
+            except BadMessage as exc:
                 self._reply(exc.status, str(exc).encode(), keep_alive=False)
                 return
             if request is None:
@@ -210,74 +190,12 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method No
 
 def next_request(buffer: bytearray) -> tuple[bytes, bytes, bytes, bool, int] | None:
     """The first whole request in `buffer`: (method, target, body, keep-alive, bytes it
-    takes), None while it is incomplete, BadRequest when it cannot be framed. The body is
-    copied only once it is all there."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise BadRequest(431, "request head too large")
+    takes), None while it is incomplete, BadMessage when it cannot be framed."""
+    head = read_head(buffer)
+    if head is None:
         return None
-    lines = bytes(buffer[:head_end]).split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise BadRequest(400, "not an HTTP/1.x request line")
-    method, target, version = parts
-    length: int | None = None
-    chunked = False
-    keep_alive = version == b"HTTP/1.1"
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise BadRequest(400, "malformed header")
-        name, value = name.strip().lower(), value.strip().lower()
-        if name == b"content-length":
-            if not value.isdigit() or length is not None:
-                raise BadRequest(400, "bad content-length")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            if value != b"chunked":
-                raise BadRequest(501, "only chunked transfer-encoding")
-            chunked = True
-        elif name == b"connection":
-            if b"close" in value:
-                keep_alive = False
-            elif b"keep-alive" in value:
-                keep_alive = True
-    if chunked and length is not None:
-        raise BadRequest(400, "both content-length and chunked")
-    start = head_end + 4
-    if not chunked:
-        length = length or 0
-        if length > MAX_MESSAGE_BYTES:
-            raise BadRequest(413, "message too large")
-        if len(buffer) < start + length:
-            return None
-        return method, target, bytes(buffer[start : start + length]), keep_alive, start + length
-    spans: list[tuple[int, int]] = []  # where each chunk's data is
-    total, position = 0, start
-    while True:
-        line_end = buffer.find(b"\r\n", position)
-        if line_end < 0:
-            if len(buffer) - position > 1024:
-                raise BadRequest(400, "chunk size line too long")
-            return None
-        size_text = bytes(buffer[position:line_end]).split(b";", 1)[0].strip()
-        if not size_text or size_text.translate(None, _HEX_DIGITS) or len(size_text) > 16:
-            raise BadRequest(400, "bad chunk size")
-        size = int(size_text, 16)
-        total += size
-        if total > MAX_MESSAGE_BYTES:
-            raise BadRequest(413, "message too large")
-        if size == 0:  # then trailers, if any, up to an empty line
-            end = buffer.find(b"\r\n\r\n", line_end)
-            if end < 0:
-                return None
-            body = b"".join(bytes(buffer[a:b]) for a, b in spans)
-            return method, target, body, keep_alive, end + 4
-        data = line_end + 2
-        if len(buffer) < data + size + 2:
-            return None
-        if buffer[data + size : data + size + 2] != b"\r\n":
-            raise BadRequest(400, "chunk not followed by CRLF")
-        spans.append((data, data + size))
-        position = data + size + 2
+    framed = read_body(buffer, head, MAX_MESSAGE_BYTES)
+    if framed is None:
+        return None
+    method, target, _ = head.start_line
+    return method, target, framed[0], head.keep_alive, framed[1]

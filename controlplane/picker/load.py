@@ -1,30 +1,36 @@
 """How loaded each endpoint is: its vLLM metrics, read every `interval`, plus what the
 picker sent it since.
 
-A thread reads `/metrics` of every endpoint a request named in the last minute, at most
-`interval` apart (100 ms by default: GIE's endpoint picker reads every 50 ms), in parallel,
-with keep-alive connections: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
-`vllm:kv_cache_usage_perc`. Between two reads, the requests the picker sent an endpoint
-count as in it, fading (Load.in_engine).
-An endpoint that does not answer is `down` until it does: the picker lists it last.
+Every endpoint a request named in the last minute is read every `interval` (100 ms by
+default: GIE's endpoint picker reads every 50 ms), at its own phase of the interval:
+`GET /metrics` on a kept-alive connection, on the picker's event loop, the one that answers
+Envoy's requests (http_service.py): `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc`. No thread: a read is a few callbacks between two requests, not
+a second thread holding Python's GIL while a request waits (a thread of http.client reads
+was most of the picker's CPU and its latency tail: docs/benchmarks.md section 12).
+Between two reads, the requests the picker sent an endpoint count as in it, fading
+(Load.in_engine). An endpoint that does not answer is `down` until it does: the picker
+lists it last.
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from controlplane import logs
+from controlplane.picker.http1 import BadMessage, read_body, read_head
 
 log = logs.get("picker")
 FORGET_AFTER_S = 60.0  # an endpoint no request named for this long is no longer read
 SCRAPE_TIMEOUT_S = 1.0
+MAX_METRICS_BYTES = 16 * 1024 * 1024
 GAUGES = {
     b"vllm:num_requests_waiting": "waiting",
     b"vllm:num_requests_running": "running",
@@ -83,7 +89,8 @@ def parse(text: bytes) -> dict[str, float]:
 
 
 class LoadWatcher:
-    """Reads the endpoints' metrics in a thread; `loads` is shared under `lock`."""
+    """Reads the endpoints' metrics on an event loop. `loads` is shared under `lock`: the
+    gRPC transport decides on threads of its own."""
 
     def __init__(
         self,
@@ -97,18 +104,23 @@ class LoadWatcher:
         self.loads: dict[str, Load] = {}
         self._on_restart = on_restart
         self._on_read = on_read
-        self._connections: dict[str, http.client.HTTPConnection] = {}
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="picker-read")
-        self._thread = threading.Thread(target=self._run, name="picker-loads", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: dict[str, Reader] = {}  # used on the loop only
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read on `loop`, which runs in another thread, from now on."""
+        self._loop = loop
+        loop.call_soon_threadsafe(self._add_readers)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(5)
+
+    async def _close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def named(self, endpoints: list[str], now: float) -> None:
         """Candidates of a request (call under `lock`): read them from now on."""
@@ -117,20 +129,31 @@ class LoadWatcher:
             load = loads.get(endpoint)
             if load is None:
                 load = loads[endpoint] = Load()
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._add_readers)
             load.named_at = now
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            with self.lock:
-                for endpoint in [e for e, load in self.loads.items()
-                                 if started - load.named_at > FORGET_AFTER_S]:  # fmt: skip
-                    del self.loads[endpoint]
-                endpoints = list(self.loads)
-            for endpoint, found in zip(endpoints, self._pool.map(self._read, endpoints),
-                                       strict=True):  # fmt: skip
-                self._apply(endpoint, found)
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+    def _add_readers(self) -> None:
+        """A reader for each endpoint named and not read yet, starting at a random phase of
+        the interval, so that the reads of several endpoints do not all land at once."""
+        if self._loop is None:
+            return
+        with self.lock:
+            new = [endpoint for endpoint in self.loads if endpoint not in self._readers]
+        for endpoint in new:
+            reader = self._readers[endpoint] = Reader(self, endpoint, self._loop)
+            reader.start(random.uniform(0.0, self.interval))
+
+    def _forgotten(self, endpoint: str) -> bool:
+        """Whether no request named `endpoint` for FORGET_AFTER_S (then it is no longer
+        read, and its reader is dropped)."""
+        with self.lock:
+            load = self.loads.get(endpoint)
+            if load is not None and time.monotonic() - load.named_at <= FORGET_AFTER_S:
+                return False
+            self.loads.pop(endpoint, None)
+        self._readers.pop(endpoint, None)
+        return True
 
     def _apply(self, endpoint: str, found: dict[str, float] | None) -> None:
         restarted = False
@@ -157,25 +180,133 @@ class LoadWatcher:
                        logging.INFO if load.up else logging.WARNING, endpoint=endpoint)  # fmt: skip
         self._on_read(endpoint, found is not None)
 
-    def _read(self, endpoint: str) -> dict[str, float] | None:
-        connection = self._connections.get(endpoint)
-        for attempt in range(2):  # a kept-alive connection the server closed: once more
-            if connection is None:
-                host, _, port = endpoint.rpartition(":")
-                connection = http.client.HTTPConnection(host.strip("[]"), int(port),
-                                                        timeout=SCRAPE_TIMEOUT_S)  # fmt: skip
-                self._connections[endpoint] = connection
-            try:
-                connection.request("GET", "/metrics")
-                response = connection.getresponse()
-                body = response.read()
-                if response.status != 200:
-                    return None
-                return parse(body)
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                connection = None
-                self._connections.pop(endpoint, None)
-                if attempt:
-                    return None
-        return None
+
+class Reader:
+    """One endpoint's `GET /metrics` every interval, one at a time, on a kept-alive
+    connection (opened again when it closes). A read not answered within SCRAPE_TIMEOUT_S,
+    a refused connection or anything but a 200 counts as a failed read."""
+
+    def __init__(self, watcher: LoadWatcher, endpoint: str, loop: asyncio.AbstractEventLoop):
+        self.watcher, self.endpoint, self.loop = watcher, endpoint, loop
+        host, _, port = endpoint.rpartition(":")
+        self.address = (host.strip("[]"), int(port))
+        self.request = b"GET /metrics HTTP/1.1\r\nhost: %s\r\n\r\n" % endpoint.encode()
+        self.connection: Connection | None = None
+        self.connecting: asyncio.Task | None = None
+        self.sent_at: float | None = None  # loop time of the read under way
+        self.retried = False  # a read under way was sent again on a new connection
+        self.due = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, delay: float) -> None:
+        self.due = self.loop.time() + delay
+        self.timer = self.loop.call_at(self.due, self.tick)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.sent_at = None
+        self._disconnect()
+
+    def tick(self) -> None:
+        """Every interval: read, unless the last read is still under way."""
+        now = self.loop.time()
+        if self.watcher._forgotten(self.endpoint):
+            self.close()
+            return
+        self.due = max(self.due + self.watcher.interval, now)  # late: no catching up
+        self.timer = self.loop.call_at(self.due, self.tick)
+        if self.sent_at is None:
+            self.sent_at, self.retried = now, False
+            self._send()
+        elif now - self.sent_at > SCRAPE_TIMEOUT_S:
+            self._failed()
+
+    def _send(self) -> None:
+        if self.connection is not None:
+            self.connection.transport.write(self.request)
+        elif self.connecting is None:
+            self.connecting = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self.loop.create_connection(lambda: Connection(self), *self.address)
+        except OSError:
+            self.connecting = None
+            self._failed()
+
+    def connected(self, connection: Connection) -> None:
+        self.connecting = None
+        self.connection = connection
+        if self.sent_at is not None:
+            connection.transport.write(self.request)
+
+    def received(self, connection: Connection) -> None:
+        """Data on `connection`: a whole response ends the read under way."""
+        buffer = connection.buffer
+        try:
+            head = read_head(buffer, response=True)
+            framed = read_body(buffer, head, MAX_METRICS_BYTES) if head else None
+        except BadMessage:
+            self._failed()
+            return
+        if framed is None:
+            return
+        if self.sent_at is None:  # an answer to no question: the connection is not usable
+            self._failed()
+            return
+        body, end = framed
+        del buffer[:end]
+        self.sent_at = None
+        if not head.keep_alive:
+            self._disconnect()
+        ok = len(head.start_line) > 1 and head.start_line[1] == b"200"
+        self.watcher._apply(self.endpoint, parse(body) if ok else None)
+
+    def lost(self, connection: Connection) -> None:
+        """The server closed the connection. With a read under way, it is sent once more
+        on a new one (a kept-alive connection closed by the server's idle timeout)."""
+        if connection is not self.connection:
+            return
+        self.connection = None
+        if self.sent_at is None:
+            return
+        if self.retried:
+            self._failed()
+        else:
+            self.retried = True
+            self._send()
+
+    def _failed(self) -> None:
+        self.sent_at = None
+        self._disconnect()
+        self.watcher._apply(self.endpoint, None)
+
+    def _disconnect(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.connection is not None:
+            self.connection.transport.abort()
+            self.connection = None
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection of a Reader: hands it what arrives."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.reader.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self is self.reader.connection:
+            self.buffer += data
+            self.reader.received(self)
+
+    def connection_lost(self, exc) -> None:
+        self.reader.lost(self)

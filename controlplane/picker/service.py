@@ -22,6 +22,7 @@ loses only the latter; meanwhile Envoy picks by least request (fail-open, resour
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -144,30 +145,32 @@ def serve(settings: Settings, stop: threading.Event) -> int:
     from controlplane.picker.http_service import HttpService
 
     picker = Picker(settings)
+    # One event loop thread serves HTTP and reads the endpoints' metrics (load.py).
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="picker-loop", daemon=True)
+    thread.start()
     grpc_service = GrpcService(picker, settings.listen, settings.workers)
-    http_service = HttpService(picker, settings.http) if settings.http else None
+    http_service = HttpService(picker, settings.http, loop) if settings.http else None
     try:
+        picker.watcher.start(loop)
         if http_service is not None:
             http_service.start()
         grpc_service.start()
-    except BaseException:
-        if http_service is not None:
-            http_service.stop()
-        raise
-    if settings.metrics:
-        metrics_host, metrics_port = split_hostport(settings.metrics)
-        start_http_server(metrics_port, addr=metrics_host, registry=metrics.REGISTRY)
-    picker.watcher.start()
-    logs.event(log, "picker.listening", address=grpc_service.address,
-               http=http_service.address if http_service else "-",
-               metrics=settings.metrics or "-")  # fmt: skip
-    try:
+        if settings.metrics:
+            metrics_host, metrics_port = split_hostport(settings.metrics)
+            start_http_server(metrics_port, addr=metrics_host, registry=metrics.REGISTRY)
+        logs.event(log, "picker.listening", address=grpc_service.address,
+                   http=http_service.address if http_service else "-",
+                   metrics=settings.metrics or "-")  # fmt: skip
         stop.wait()
     finally:
         grpc_service.stop()
         if http_service is not None:
             http_service.stop()
         picker.watcher.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
         logs.event(log, "picker.stopped")
     return grpc_service.port
 
