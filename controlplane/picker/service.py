@@ -34,7 +34,7 @@ from prometheus_client import start_http_server
 
 from controlplane import logs
 from controlplane.config import split_hostport
-from controlplane.picker import metrics
+from controlplane.picker import metrics, sched
 from controlplane.picker.load import LoadWatcher
 from controlplane.picker.prefix import PrefixIndex
 from controlplane.picker.scheduler import Ranked, Weights, rank
@@ -151,6 +151,7 @@ def serve(settings: Settings, stop: threading.Event) -> int:
     thread.start()
     grpc_service = GrpcService(picker, settings.listen, settings.workers)
     http_service = HttpService(picker, settings.http, loop) if settings.http else None
+    listening = False
     try:
         picker.watcher.start(loop)
         if http_service is not None:
@@ -162,6 +163,7 @@ def serve(settings: Settings, stop: threading.Event) -> int:
         logs.event(log, "picker.listening", address=grpc_service.address,
                    http=http_service.address if http_service else "-",
                    metrics=settings.metrics or "-")  # fmt: skip
+        listening = True
         stop.wait()
     finally:
         grpc_service.stop()
@@ -171,7 +173,8 @@ def serve(settings: Settings, stop: threading.Event) -> int:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
-        logs.event(log, "picker.stopped")
+        if listening:
+            logs.event(log, "picker.stopped")
     return grpc_service.port
 
 
@@ -182,4 +185,7 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Before any thread starts: they inherit it (sched.py).
+    logs.event(log, "picker.short_slice", taken=sched.request_short_slice(),
+               slice_us=sched.SLICE_NS // 1000)  # fmt: skip
     serve(settings, stop)
