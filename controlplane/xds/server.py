@@ -52,9 +52,10 @@ HISTORY = 16
 PARSED_REQUESTS = 256
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeState:
-    """One resource type on one stream."""
+    """One resource type on one stream (slots: each change reads a thousand of them, and
+    one object is fewer cache misses than an object and its dict)."""
 
     names: frozenset[str] | None = None  # None: wildcard (all resources)
     names_key: bytes = b""  # the request that gave `names`, reduced to them (_subscription)
@@ -87,7 +88,7 @@ class _Waiter:
     rejected_by: EnvoyStream | None = None  # the first Envoy found to NACK it
 
 
-@dataclass
+@dataclass(slots=True)
 class EnvoyStream:
     key: str
     node_id: str = ""
@@ -98,6 +99,10 @@ class EnvoyStream:
     # It runs something of ours: it ACKed at least one response (or reconnected with a
     # version it still runs). Only those are waited for.
     running: bool = False
+    nacks: int = 0  # types whose last answer was a NACK (most streams: none to look for)
+    # Something may be due once an answer comes (a type was pending or waited for warm
+    # clusters when last looked at): only then does an ACK look at every type again.
+    deferred: bool = False
 
     def applied(self, snapshot: Snapshot, seq: int = 0) -> bool:
         """It runs `snapshot` (published as number `seq`), or a later publication: a
@@ -109,6 +114,8 @@ class EnvoyStream:
         return True
 
     def rejected(self, snapshot: Snapshot) -> tuple[str, dict] | None:
+        if not self.nacks:
+            return None
         for type_url, ts in self.types.items():
             if ts.nack and ts.nack["version"] == snapshot.versions[type_url]:
                 return type_url, ts.nack
@@ -342,6 +349,7 @@ class XdsServer:
         elif request.version and ts.acked_version is None:
             ts.acked_version = request.version  # reconnect: what the Envoy still runs
             stream.running = True
+        resubscribed = False
         if type_url in WILDCARD_TYPES:
             ts.names = None
         elif request.names_key != ts.names_key:
@@ -349,7 +357,10 @@ class XdsServer:
             # configuration names): the set is made again only when it changed, and stays
             # the same object, which the checks below and the payload cache compare at once.
             ts.names, ts.names_key = request.names(), request.names_key
-        if self.snapshot is not None:
+            resubscribed = True
+        # An ACK of what is current, with the same names, leaves nothing to send unless
+        # something waited for it (stream.deferred): the common case, looked at no further.
+        if self.snapshot is not None and (not nonce or resubscribed or stream.deferred):
             self._send_due(stream, self.snapshot)
         if nonce:
             self._settle(stream, nack=request.error is not None)
@@ -358,6 +369,7 @@ class XdsServer:
         ts.pending = False
         short = SHORT_NAMES[type_url]
         if request.error is not None:
+            stream.nacks += ts.nack is None
             ts.nack = {"version": ts.sent_version, "message": request.error}
             metrics.xds_nacks.labels(short).inc()
             logs.event(
@@ -379,25 +391,28 @@ class XdsServer:
         else:
             ts.acked_version, ts.acked_seq = request.version, ts.sent_seq
             stream.running = True
-            ts.nack = None
+            if ts.nack is not None:
+                stream.nacks -= 1
+                ts.nack = None
             self._tally(short).ack_latencies.append(time.perf_counter() - ts.sent_at)
 
     def _send_due(self, stream: EnvoyStream, snapshot: Snapshot) -> None:
         warming = False
         types, versions = stream.types, snapshot.versions
+        stream.deferred = False
         for type_url in TYPE_ORDER:
             ts = types.get(type_url)
             if ts is None:
                 continue
             if warming and type_url != ENDPOINT:
+                stream.deferred = True
                 return  # listeners and routes wait for warm clusters: make before break
             pending, version = ts.pending, versions[type_url]
-            # The first test is what most types are, on every push and ACK: sent as they are.
-            if (
-                not pending
-                and (ts.force or ts.sent_version != version or ts.sent_names is not ts.names)
-                and self._due(ts, version)
-            ):
+            # Sent as it is: what most types are, on every push and ACK (else maybe due).
+            unsent = ts.force or ts.sent_version != version or ts.sent_names is not ts.names
+            if pending and unsent:
+                stream.deferred = True  # due once answered, maybe
+            if not pending and unsent and self._due(ts, version):
                 ts.warming = ts.force
                 self._send(stream, snapshot, type_url, ts)
                 pending = True
