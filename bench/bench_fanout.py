@@ -192,14 +192,14 @@ def measure(stack, clients: int, changes: int, args: argparse.Namespace) -> dict
         if streams != clients:
             raise SystemExit(f"{streams} ADS clients connected, not {clients}")
         weight_changes(hostport, model, args.warmup, args.gap)
-        before_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", "rds")
+        before_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", 'type="rds"')
         before_bytes = counter_total(stack.admin, PUSHED_BYTES)
         pids = [stack.process.pid] + [process.pid for process in started]
         cpu_before = [cpu_seconds(pid) for pid in pids]
         windows = weight_changes(hostport, model, changes, args.gap)
         time.sleep(0.5)  # pushes still on the way after a 504
         cpu = [cpu_seconds(pid) - b for pid, b in zip(pids, cpu_before, strict=True)]
-        after_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", "rds")
+        after_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", 'type="rds"')
         after_bytes = counter_total(stack.admin, PUSHED_BYTES)
         reports = collect(started)
     finally:
