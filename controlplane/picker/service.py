@@ -34,7 +34,7 @@ from prometheus_client import start_http_server
 
 from controlplane import logs
 from controlplane.config import split_hostport
-from controlplane.picker import metrics, sched
+from controlplane.picker import metrics
 from controlplane.picker.load import LoadWatcher
 from controlplane.picker.prefix import PrefixIndex
 from controlplane.picker.scheduler import Ranked, Weights, rank
@@ -185,7 +185,4 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    # Before any thread starts: they inherit it (sched.py).
-    logs.event(log, "picker.short_slice", taken=sched.request_short_slice(),
-               slice_us=sched.SLICE_NS // 1000)  # fmt: skip
     serve(settings, stop)
