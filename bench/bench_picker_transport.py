@@ -14,8 +14,8 @@ timeout, fail-open) in front of a route to a cluster with the `override_host` po
   low-level server (what a web framework adds);
 - `grpc-picker`, `http-picker`: the real picker (`switchyard picker`, one process serving
   both transports) choosing among 4 simulated endpoints from the same body. Its CPU
-  includes its thread reading the 4 endpoints' /metrics every 100 ms, shared between the
-  two by the time their blocks take.
+  includes its reads of the 4 endpoints' /metrics every 100 ms (on its event loop), shared
+  between the two by the time their blocks take.
 
 The client sends `--requests` sequential requests per variant with a ~13 KB chat body,
 interleaved in blocks of `--block` (A, B, C, D, A, ...), each variant on its own keep-alive
