@@ -87,7 +87,7 @@ STREAM_IDLE_TIMEOUT_S = 300
 # as often (Envoy's default there is 60 s), so a canary is known before its first request;
 # one that passes is checked every IDLE_HEALTHY_INTERVAL_S only: with 1,000 models that
 # is 200 checks a second on Envoy's main thread instead of 2,000, which delayed its xDS
-# ACKs (docs/benchmarks.md 11.9). Such a host going down is seen within ~11 s, or at once
+# ACKs (docs/benchmarks.md 11.10). Such a host going down is seen within ~11 s, or at once
 # by the runtime when its process or pod ends; a request meeting it first is retried.
 HEALTH_PATH = "/health"
 HEALTH_INTERVAL_S = 1
