@@ -274,3 +274,62 @@ async def test_too_many_calls_on_one_connection_are_refused(server, monkeypatch)
     assert refused == (5).to_bytes(4, "big") + transport.REFUSED_STREAM.to_bytes(4, "big")
     assert len(OPENED) == 2
     writer.close()
+
+
+async def test_writes_a_full_socket_does_not_take_go_out_later_whole_and_in_order(server) -> None:
+    """A plaintext connection writes to its socket directly while nothing waits in the
+    transport; a peer that does not read fills the socket, and what it did not take (then
+    everything after it, even once the socket has room again) goes through the transport:
+    nothing lost, nothing reordered. Once the transport has sent it all, writes go direct."""
+    grpc_server, port = server
+    count, size = 128, 64 << 10
+    messages = [index.to_bytes(4, "big") * (size // 4) for index in range(count)]
+    settings = struct.pack(">HIHI", 4, (1 << 31) - 1, 5, (1 << 24) - 1)  # window, frame size
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        PREFACE
+        + frame(transport.SETTINGS, 0, 0, settings)
+        + frame(transport.WINDOW_UPDATE, 0, 0, ((1 << 31) - 1 - 65535).to_bytes(4, "big"))
+        + open_stream()
+    )
+    await asyncio.to_thread(
+        sock.sendall, b"".join(frame(transport.DATA, 0, 1, grpc_message(m)) for m in messages)
+    )
+    await until(lambda: len(OPENED) == 1 and len(OPENED[0].got) == count)
+    (conn,) = grpc_server.connections
+    assert conn.sock is not None and conn.spilled  # the socket was full: the rest queued
+    assert conn.transport.get_write_buffer_size()
+    # Make room in the socket without letting the event loop run (the transport still holds
+    # what it took): a write now must still go behind what the transport holds.
+    sock.settimeout(0.3)
+    received = bytearray()
+    with contextlib.suppress(TimeoutError):
+        while len(received) < 4 << 20:
+            received += sock.recv(1 << 16)
+    assert received and conn.transport.get_write_buffer_size()
+    OPENED[0].call.send(b"late")
+    sock.settimeout(10)  # bytes lost or reordered: a frame never completes
+
+    def read_messages(wanted: int) -> list[bytes]:
+        body, got = b"", []
+        while len(got) < wanted:
+            while len(received) < 9 or len(received) < 9 + int.from_bytes(received[:3], "big"):
+                received.extend(sock.recv(1 << 16))
+            length, kind = int.from_bytes(received[:3], "big"), received[3]
+            if kind == transport.DATA:
+                body += received[9 : 9 + length]
+                while len(body) >= 5 and len(body) >= 5 + int.from_bytes(body[1:5], "big"):
+                    end = 5 + int.from_bytes(body[1:5], "big")
+                    got.append(body[5:end])
+                    body = body[end:]
+            del received[: 9 + length]
+        return got
+
+    assert await asyncio.to_thread(read_messages, count + 1) == [*messages, b"late"]
+    await until(lambda: not conn.transport.get_write_buffer_size())
+    sock.sendall(frame(transport.DATA, 0, 1, grpc_message(b"after")))
+    assert await asyncio.to_thread(read_messages, 1) == [b"after"]
+    assert not conn.spilled  # the transport had drained: written direct again
+    sock.close()
