@@ -26,7 +26,10 @@ new split, `--gap` s apart, and measures:
   time.monotonic() in every process, one host); the max per change is the last client;
 - bytes: the serialized RDS responses each client received per change, and the server's
   `switchyard_xds_pushed_bytes_total` when it has that counter;
-- CPU: the control plane's utime+stime per change, and per client push (/ clients).
+- CPU: the control plane's utime+stime per change, and per client push (/ clients):
+  gross, the whole process over the window of changes; and marginal, gross minus what
+  the same process used per second idle (every client connected, no change, `--idle` s
+  measured just before), times the window's length.
 
 Also checks that every client received exactly one route configuration response per change
 and nothing else (reported, not fatal, so that an overloaded run still gives its figures).
@@ -192,13 +195,24 @@ def measure(stack, clients: int, changes: int, args: argparse.Namespace) -> dict
         if streams != clients:
             raise SystemExit(f"{streams} ADS clients connected, not {clients}")
         weight_changes(hostport, model, args.warmup, args.gap)
+        idle_s = args.changes * args.gap if args.idle is None else args.idle
+        idle_rate = 0.0  # the control plane's CPU s per s with every client connected, no change
+        if idle_s > 0:
+            time.sleep(1.0)  # the warm-up's ACKs and folds done
+            idle_cpu, idle_began = cpu_seconds(stack.process.pid), time.monotonic()
+            time.sleep(idle_s)
+            idle_rate = (cpu_seconds(stack.process.pid) - idle_cpu) / (
+                time.monotonic() - idle_began
+            )
         before_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", 'type="rds"')
         before_bytes = counter_total(stack.admin, PUSHED_BYTES)
         pids = [stack.process.pid] + [process.pid for process in started]
         cpu_before = [cpu_seconds(pid) for pid in pids]
+        window_began = time.monotonic()
         windows = weight_changes(hostport, model, changes, args.gap)
         time.sleep(0.5)  # pushes still on the way after a 504
         cpu = [cpu_seconds(pid) - b for pid, b in zip(pids, cpu_before, strict=True)]
+        window_s = time.monotonic() - window_began
         after_ack = histogram(stack.admin, "switchyard_xds_push_ack_seconds", 'type="rds"')
         after_bytes = counter_total(stack.admin, PUSHED_BYTES)
         reports = collect(started)
@@ -211,6 +225,7 @@ def measure(stack, clients: int, changes: int, args: argparse.Namespace) -> dict
     received, problems = per_change(windows, reports)
     acks = after_ack["count"] - before_ack["count"]
     cpu_server = cpu[0] / changes * 1000  # ms per change
+    idle_server = idle_rate * window_s / changes * 1000  # of it, what idling would have cost
     return {
         "processes": processes,
         "layout": layout,
@@ -228,6 +243,11 @@ def measure(stack, clients: int, changes: int, args: argparse.Namespace) -> dict
         "ack_mean": (after_ack["sum"] - before_ack["sum"]) / acks * 1000 if acks else 0.0,
         "cpu_server": cpu_server,
         "cpu_per_push_us": cpu_server * 1000 / clients,
+        "idle_s": idle_s,
+        "idle_ms_per_s": idle_rate * 1000,
+        "window_s": window_s,
+        "cpu_marginal": cpu_server - idle_server,
+        "cpu_marginal_us": (cpu_server - idle_server) * 1000 / clients,
         "cpu_clients": sum(cpu[1:]) / changes * 1000,
         "problems": problems,
     }
@@ -245,6 +265,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed changes first")
     parser.add_argument("--models", type=int, default=3, help="models configured")
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes")
+    parser.add_argument("--idle", type=float, default=None,
+                        help="seconds of idle baseline (clients connected, no change) before "
+                             "the changes; default changes x gap, 0: none")  # fmt: skip
     parser.add_argument("--nice", type=int, default=0, help="niceness of the client processes")
     parser.add_argument("--connect-rate", type=float, default=500,
                         help="new streams per second, all processes together")  # fmt: skip
@@ -289,6 +312,11 @@ def report(count: int, result: dict) -> None:
     print(f"server push -> ACK (rds) mean {result['ack_mean']:.1f} ms; CPU per change: "
           f"control plane {result['cpu_server']:.1f} ms = {result['cpu_per_push_us']:.1f} "
           f"us per client push; client processes {result['cpu_clients']:.0f} ms")  # fmt: skip
+    if result["idle_s"] > 0:
+        print(f"idle baseline (clients connected, no change, {result['idle_s']:.0f} s): "
+              f"{result['idle_ms_per_s']:.1f} ms CPU per s; over the {result['window_s']:.1f} s "
+              f"window, marginal CPU per change {result['cpu_marginal']:.1f} ms = "
+              f"{result['cpu_marginal_us']:.1f} us per client push (gross above)")  # fmt: skip
     if result["problems"]:
         print(f"NOT one RDS response per change for {len(result['problems'])} clients, e.g.:")
         for problem in result["problems"][:5]:
