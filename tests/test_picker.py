@@ -12,6 +12,7 @@ own JSON mapping, as Envoy writes and reads it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import socket
@@ -28,6 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from google.protobuf import json_format
 
 from controlplane import prompt
+from controlplane.picker import http_service
 from controlplane.picker.service import Settings, serve
 from controlplane.sim import SimConfig, make_app
 from controlplane.xds.resources import EXT_PROC, PICKER_ATTRIBUTES, PICKER_HTTP_PATH
@@ -143,7 +145,9 @@ def ask_http(connection, body: dict | None, candidates: list[str] | None = None,
         attributes = request.attributes[EXT_PROC]
         attributes.update({PICKER_ATTRIBUTES[0]: version,
                            PICKER_ATTRIBUTES[1]: ",".join(candidates)})  # fmt: skip
-    message = json_format.MessageToJson(request, preserving_proto_field_name=True).encode()
+    # Compact, fields in proto order: byte for byte what Envoy writes (its body leads).
+    message = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True),
+                         separators=(",", ":")).encode()  # fmt: skip
     connection.putrequest("POST", PICKER_HTTP_PATH)
     connection.putheader("content-type", "application/json")
     connection.putheader("transfer-encoding", "chunked")
@@ -293,6 +297,32 @@ def test_over_http_without_candidates_the_picker_changes_nothing(over_http):
     assert answer.WhichOneof("response") == "request_body"
     assert not answer.dynamic_metadata.fields
     assert not answer.request_body.response.header_mutation.set_headers
+
+
+def test_a_body_envoy_did_not_write_first_or_plainly_is_read_the_same():
+    """The body is decoded straight from Envoy's compact JSON where it leads; any other
+    spelling of the same request (indented, body later, an escaped `/`) gives the same
+    request and body through the JSON parser."""
+    body = json.dumps(chat("delta", 2)).encode() + bytes(range(256))  # base64 with + and /
+    encoded = base64.b64encode(body).decode()
+    assert "/" in encoded and "+" in encoded
+    rest = {"attributes": {EXT_PROC: {PICKER_ATTRIBUTES[0]: "m@v1"}}}
+    spellings = [
+        json.dumps({"request_body": {"body": encoded, "end_of_stream": True}, **rest},
+                   separators=(",", ":")),  # what Envoy writes
+        json.dumps({"request_body": {"body": encoded, "end_of_stream": True}, **rest},
+                   indent=2),
+        json.dumps({**rest, "request_body": {"end_of_stream": True, "body": encoded}}),
+        json.dumps({"request_body": {"body": encoded, "end_of_stream": True}, **rest},
+                   separators=(",", ":")).replace("/", "\\/"),
+    ]  # fmt: skip
+    for spelling in spellings:
+        request, decoded = http_service._split_body(spelling.encode())
+        if decoded is None:
+            decoded = base64.b64decode(request["request_body"]["body"])
+        assert decoded == body, spelling[:60]
+        assert request["attributes"] == rest["attributes"]
+        assert request["request_body"]["end_of_stream"] is True
 
 
 def test_the_http_service_answers_only_ext_proc_posts(served):

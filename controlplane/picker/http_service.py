@@ -27,6 +27,8 @@ import json
 import logging
 import time
 
+import pybase64
+
 from controlplane import logs
 from controlplane.config import split_hostport
 from controlplane.picker import metrics
@@ -46,6 +48,7 @@ POOL_ATTRIBUTE, SUBSET_ATTRIBUTE = PICKER_ATTRIBUTES
 # A ProcessingRequest is the request body base64-encoded (4/3 of it) in a little JSON.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PATH = PICKER_HTTP_PATH.encode()
+_MAX_ANSWERS = 4096  # decisions kept serialised (a version's orders of its endpoints)
 
 
 class HttpService:
@@ -58,6 +61,7 @@ class HttpService:
         self._loop = loop  # the picker's, running in its own thread (service.serve)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Transport] = set()
+        self._answers: dict[tuple[str, str], bytes] = {}  # (kind, decision) -> the JSON
 
     @property
     def address(self) -> str:
@@ -88,12 +92,14 @@ class HttpService:
         """The ProcessingResponse (JSON) to one ProcessingRequest (JSON): the decision on
         the body, or on the headers when no body follows; any other message is let through."""
         started = time.perf_counter()
-        request = json.loads(message)
+        request, body = _split_body(message)
         if not isinstance(request, dict):
             raise ValueError("a ProcessingRequest is a JSON object")
         if "request_body" in request:
             kind = "request_body"
-            body = binascii.a2b_base64(request["request_body"].get("body", ""))
+            if body is None:
+                body = pybase64.b64decode(request["request_body"].get("body", ""),
+                                          validate=True)  # fmt: skip
         elif "request_headers" in request and (
             request.get("protocol_config", {}).get("request_body_mode", "NONE") == "NONE"
         ):
@@ -106,18 +112,48 @@ class HttpService:
         subset = attributes.get(SUBSET_ATTRIBUTE) or ""
         candidates = [e for e in subset.split(",") if e] or _subset_hint(request)
         choice = self.picker.decide(attributes.get(POOL_ATTRIBUTE) or "", candidates, body)
-        if choice is None:
-            response = {kind: {}}
-        else:
-            header = {"key": DESTINATION_HEADER,
-                      "raw_value": base64.b64encode(choice.encode()).decode()}  # fmt: skip
-            response = {
-                kind: {"response": {"header_mutation": {"set_headers": [{"header": header}]}}},
-                "dynamic_metadata": {LB_NAMESPACE: {DESTINATION_HEADER: choice}},
-            }
-        payload = json.dumps(response).encode()
+        payload = self._answers.get((kind, choice))
+        if payload is None:
+            payload = _response(kind, choice)
+            if len(self._answers) >= _MAX_ANSWERS:
+                self._answers.clear()
+            self._answers[(kind, choice)] = payload
         metrics.pick_seconds.observe(time.perf_counter() - started)
         return payload
+
+
+_BODY_FIRST = b'{"request_body":{"body":"'
+
+
+def _split_body(message: bytes) -> tuple[object, bytes | None]:
+    """The ProcessingRequest without its body, and the body, decoded, when Envoy wrote it
+    first (it prints fields in their proto order: `request_body` leads); else the whole
+    message parsed and None. The JSON parser then does not scan the body's ~4/3 base64
+    characters only to copy them into a string; pybase64 decodes them in ~1 us for 15 KB,
+    where binascii takes ~40 (SIMD)."""
+    if message.startswith(_BODY_FIRST):
+        end = message.find(b'"', len(_BODY_FIRST))
+        if end > 0:
+            try:
+                body = pybase64.b64decode(memoryview(message)[len(_BODY_FIRST) : end],
+                                          validate=True)  # fmt: skip
+            except (binascii.Error, ValueError):
+                pass  # not plain base64 (escaped?): the parser reads it below
+            else:
+                return json.loads(_BODY_FIRST + message[end:]), body
+    return json.loads(message), None
+
+
+def _response(kind: str, choice: str | None) -> bytes:
+    """The ProcessingResponse (JSON) for a decision; None: go on without one."""
+    if choice is None:
+        return json.dumps({kind: {}}).encode()
+    header = {"key": DESTINATION_HEADER,
+              "raw_value": base64.b64encode(choice.encode()).decode()}  # fmt: skip
+    return json.dumps({
+        kind: {"response": {"header_mutation": {"set_headers": [{"header": header}]}}},
+        "dynamic_metadata": {LB_NAMESPACE: {DESTINATION_HEADER: choice}},
+    }).encode()  # fmt: skip
 
 
 def _subset_hint(request: dict) -> list[str]:
