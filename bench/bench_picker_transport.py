@@ -323,6 +323,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per variant")
     parser.add_argument("--block", type=int, default=20, help="requests per turn of a variant")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="seconds between requests (0: back to back; the routing "
+                        "benchmark's 24 req/s is ~0.04)")
     parser.add_argument("--stub", choices=("grpc", "http", "aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--choice", default="", help=argparse.SUPPRESS)
@@ -337,11 +340,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)} (known: {', '.join(VARIANTS)})")
     print(f"load average at start: {loadavg()}", flush=True)
-    run(variants, args.requests, args.block)
+    run(variants, args.requests, args.block, args.pause)
     print(f"load average at end: {loadavg()}", flush=True)
 
 
-def run(variants: list[str], requests: int, block: int) -> None:
+def run(variants: list[str], requests: int, block: int, pause: float) -> None:
     from controlplane.proxy import envoy_binary
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -401,13 +404,14 @@ def run(variants: list[str], requests: int, block: int) -> None:
                     stdout=subprocess.DEVNULL, stderr=errors)  # fmt: skip
             children.append(envoy)
             wait_http(f"http://127.0.0.1:{admin}/ready")
-            measure(variants, listeners, processes, envoy.pid, requests, block, access_log)
+            measure(variants, listeners, processes, envoy.pid, requests, block, access_log, pause)
         finally:
             for child in reversed(children):
                 stop(child, grace=5)
 
 
-def measure(variants, listeners, processes, envoy_pid, requests, block, access_log) -> None:
+def measure(variants, listeners, processes, envoy_pid, requests, block, access_log,
+            pause) -> None:
     body = chat_body()
     connections = {v: http.client.HTTPConnection("127.0.0.1", listeners[v]) for v in variants}
     cpu = {v: 0.0 for v in variants}
@@ -437,6 +441,8 @@ def measure(variants, listeners, processes, envoy_pid, requests, block, access_l
             before, envoy_before = cpu_ns(processes[variant]), cpu_ns(envoy_pid)
             for _ in range(count):
                 send(variant)
+                if pause:
+                    time.sleep(pause)
             cpu[variant] += (cpu_ns(processes[variant]) - before) / 1e9
             envoy_cpu[variant] += (cpu_ns(envoy_pid) - envoy_before) / 1e9
         done += count
