@@ -26,7 +26,6 @@ import logging
 import socket
 import ssl
 import struct
-from asyncio.selector_events import _SelectorSocketTransport
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -57,6 +56,9 @@ MAX_HEADER_BLOCK = 1 << 16  # a header block, CONTINUATIONs included
 MAX_MESSAGE = 4 << 20  # a request message (grpc's default)
 KEEPALIVE_S = 30.0  # a peer that does not answer a PING within this is dropped
 MAX_WINDOW = (1 << 31) - 1
+# The standard event loop's plaintext transport, whose socket `_Connection.write` may use
+# directly (a private class: if a Python release drops it, every write uses the transport).
+_SELECTOR_TRANSPORT = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
 _HEADER = struct.Struct(">HBBBI")  # an HTTP/2 frame header: 24-bit length, type, flags, id
 _PREFIX = struct.Struct(">BI")  # a gRPC message prefix: compressed flag, length
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
@@ -295,7 +297,8 @@ class _Connection(asyncio.Protocol):
             return
         self.server.connections.add(self)
         sock = getattr(transport, "_sock", None)
-        if type(transport) is _SelectorSocketTransport and type(sock) is socket.socket:
+        if _SELECTOR_TRANSPORT is not None and type(transport) is _SELECTOR_TRANSPORT \
+                and type(sock) is socket.socket:
             self.sock = sock
         ours = ((3, MAX_STREAMS), (4, RECV_WINDOW), (5, MAX_FRAME), (6, MAX_HEADER_BLOCK))
         settings = b"".join(struct.pack(">HI", key, value) for key, value in ours)
