@@ -92,14 +92,9 @@ class HttpService:
         """The ProcessingResponse (JSON) to one ProcessingRequest (JSON): the decision on
         the body, or on the headers when no body follows; any other message is let through."""
         started = time.perf_counter()
-        request, body = _split_body(message)
-        if not isinstance(request, dict):
-            raise ValueError("a ProcessingRequest is a JSON object")
+        request, body = _parse(message)
         if "request_body" in request:
             kind = "request_body"
-            if body is None:
-                body = pybase64.b64decode(request["request_body"].get("body", ""),
-                                          validate=True)  # fmt: skip
         elif "request_headers" in request and (
             request.get("protocol_config", {}).get("request_body_mode", "NONE") == "NONE"
         ):
@@ -125,12 +120,12 @@ class HttpService:
 _BODY_FIRST = b'{"request_body":{"body":"'
 
 
-def _split_body(message: bytes) -> tuple[object, bytes | None]:
-    """The ProcessingRequest without its body, and the body, decoded, when Envoy wrote it
-    first (it prints fields in their proto order: `request_body` leads); else the whole
-    message parsed and None. The JSON parser then does not scan the body's ~4/3 base64
-    characters only to copy them into a string; pybase64 decodes them in ~1 us for 15 KB,
-    where binascii takes ~40 (SIMD)."""
+def _parse(message: bytes) -> tuple[dict, bytes | None]:
+    """The ProcessingRequest (its body left out) and its request body, decoded (None if it
+    has none). Where Envoy wrote the body first (it prints fields in their proto order:
+    `request_body` leads), the body is decoded where it lies and only the rest is parsed:
+    the JSON parser does not scan ~4/3 of the body in base64 only to copy it into a string.
+    pybase64 decodes 15 KB in ~1 us, where binascii takes ~40 (SIMD)."""
     if message.startswith(_BODY_FIRST):
         end = message.find(b'"', len(_BODY_FIRST))
         if end > 0:
@@ -141,7 +136,12 @@ def _split_body(message: bytes) -> tuple[object, bytes | None]:
                 pass  # not plain base64 (escaped?): the parser reads it below
             else:
                 return json.loads(_BODY_FIRST + message[end:]), body
-    return json.loads(message), None
+    request = json.loads(message)
+    if not isinstance(request, dict):
+        raise ValueError("a ProcessingRequest is a JSON object")
+    if "request_body" not in request:
+        return request, None
+    return request, pybase64.b64decode(request["request_body"].get("body", ""), validate=True)
 
 
 def _response(kind: str, choice: str | None) -> bytes:
