@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import json
 import socket
@@ -78,18 +79,26 @@ def servers():
 @pytest.fixture
 def served():
     """A picker serving both transports on free ports: its gRPC channel and HTTP port."""
+    with serving(scrape_interval_s=0.05) as ports:
+        yield ports
+
+
+@contextlib.contextmanager
+def serving(**settings):
+    """Serve a picker with these settings on free ports: its gRPC channel and HTTP port."""
     port, http_port = free_port(), free_port()
     stop = threading.Event()
-    settings = Settings(listen=f"127.0.0.1:{port}", http=f"127.0.0.1:{http_port}",
-                        scrape_interval_s=0.05)  # fmt: skip
+    settings = Settings(listen=f"127.0.0.1:{port}", http=f"127.0.0.1:{http_port}", **settings)
     thread = threading.Thread(target=serve, args=(settings, stop), daemon=True)
     thread.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=10)
-    yield channel, http_port
-    channel.close()
-    stop.set()
-    thread.join(10)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        yield channel, http_port
+    finally:
+        channel.close()
+        stop.set()
+        thread.join(10)
 
 
 @pytest.fixture
@@ -194,6 +203,40 @@ def test_each_conversation_goes_back_to_the_endpoint_that_has_its_prefix(picker,
         time.sleep(0.12)  # the last turns are over: a read of the metrics says so
         for conversation, home in homes.items():
             assert chosen(ask(picker, chat(conversation, turn), pool(servers)))[0] == home
+
+
+def test_a_sequential_client_keeps_its_conversations_at_home_without_pausing():
+    """Each turn is sent to the endpoint the picker chose and answered before the next one
+    is asked, back to back, at the default pace of reads (100 ms): once the picker has read
+    how long requests stay in those engines, requests that ended between two reads do not
+    make an endpoint look busy enough to move a conversation from its history (from the
+    second turn on, three blocks more than the system prompt every endpoint has)."""
+    servers = Servers(3, prefill_ms_per_token=0.01)  # short requests: many between reads
+    with serving() as (_, http_port), contextlib.closing(servers):
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        conversations = {f"chat{index}": [{"role": "system", "content": SYSTEM}]
+                         for index in range(10)}  # fmt: skip
+        homes: dict[str, set] = {name: set() for name in conversations}
+        for turn in range(4):
+            if turn == 1:
+                time.sleep(0.25)  # the first turns are over: reads measure how long they took
+            for name, messages in conversations.items():
+                messages.append({"role": "user", "content": f"{name} asks {turn} " * 60})
+                body = {"model": "m", "messages": messages, "max_tokens": 4}
+                home = chosen(ask_http(connection, body, servers.endpoints))[0]
+                homes[name].add(home)
+                messages.append({"role": "assistant", "content": complete(home, body)})
+        connection.close()
+    assert all(len(served) == 1 for served in homes.values()), homes
+
+
+def complete(endpoint: str, body: dict) -> str:
+    """The simulator at `endpoint` answers this chat request: its answer."""
+    request = urllib.request.Request(f"http://{endpoint}/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)["choices"][0]["message"]["content"]
 
 
 def test_a_burst_of_new_prompts_is_spread_over_the_endpoints(picker, servers):
@@ -402,5 +445,6 @@ def test_the_picker_reads_real_vllm_metrics():
     from controlplane.picker.load import parse
 
     found = parse((Path(__file__).parent / "fixtures" / "vllm" / "metrics.txt").read_bytes())
-    assert set(found) == {"waiting", "running", "kv_cache", "queries"}
+    assert set(found) == {"waiting", "running", "kv_cache", "queries", "finished", "finished_s"}
     assert found["queries"] > 0
+    assert found["finished"] > 0 and found["finished_s"] > 0  # how long requests stay

@@ -8,7 +8,8 @@ Envoy's requests (http_service.py): `vllm:num_requests_waiting`, `vllm:num_reque
 `vllm:kv_cache_usage_perc`. No thread: a read is a few callbacks between two requests, not
 a second thread holding Python's GIL while a request waits (a thread of http.client reads
 was most of the picker's CPU and its latency tail: docs/benchmarks.md section 12).
-Between two reads, the requests the picker sent an endpoint count as in it, fading
+Between two reads, what was read and the requests the picker sent since fade with the
+time a request stays in that engine, measured from `vllm:e2e_request_latency_seconds`
 (Load.in_engine). An endpoint that does not answer is `down` until it does: the picker
 lists it last.
 """
@@ -31,12 +32,17 @@ log = logs.get("picker")
 FORGET_AFTER_S = 60.0  # an endpoint no request named for this long is no longer read
 SCRAPE_TIMEOUT_S = 1.0
 MAX_METRICS_BYTES = 16 * 1024 * 1024
+MIN_STAY_S = 0.001  # a floor under the measured time in the engine (the fade's constant)
 GAUGES = {
     b"vllm:num_requests_waiting": "waiting",
     b"vllm:num_requests_running": "running",
     b"vllm:kv_cache_usage_perc": "kv_cache",
 }
-QUERIES = b"vllm:prefix_cache_queries_total"
+COUNTERS = {
+    b"vllm:prefix_cache_queries_total": "queries",
+    b"vllm:e2e_request_latency_seconds_sum": "finished_s",
+    b"vllm:e2e_request_latency_seconds_count": "finished",
+}
 
 
 @dataclass
@@ -53,18 +59,44 @@ class Load:
     read_at: float = 0.0  # monotonic time of the last good read
     named_at: float = 0.0  # the last time a request named it as a candidate
     queries: float = 0.0  # vllm:prefix_cache_queries_total: going down means a restart
+    finished: float = 0.0  # vllm:e2e_request_latency_seconds_count, as last read
+    finished_s: float = 0.0  # and its _sum
+    stay_s: float | None = None  # how long a request stays in the engine, once measured
 
-    def in_engine(self, now: float, fade: float) -> float:
-        """Requests waiting or running there, as last read, and those sent since. A sent
-        request counts fully at once and fades with time constant `fade` (half the read
-        interval): the next read counts it again if it still runs, and a short request that
-        ended between two reads must not keep the endpoint looking busy."""
-        return self.waiting + self.running + self.sent * math.exp((self.sent_at - now) / fade)
+    def fade(self, default: float) -> float:
+        """The time constant with which a request counted in the engine stops counting."""
+        return self.stay_s if self.stay_s is not None else default
 
-    def add_sent(self, tokens: int, now: float, fade: float) -> None:
+    def in_engine(self, now: float, default_fade: float) -> float:
+        """Requests waiting or running there, as last read, and those sent since: what a
+        read saw, and each request sent, count fully at once and fade with the time a
+        request stays in this engine (measured; `default_fade` before any finished), so
+        that requests that ended between two reads do not keep the endpoint looking busy:
+        a sequential client that sends its next request once the last one answered never
+        looks like a burst, while requests sent faster than the engine serves them add up.
+        """
+        fade = self.fade(default_fade)
+        read = self.waiting + self.running
+        if read:
+            read *= math.exp((self.read_at - now) / fade)
+        return read + self.sent * math.exp((self.sent_at - now) / fade)
+
+    def add_sent(self, tokens: int, now: float, default_fade: float) -> None:
+        fade = self.fade(default_fade)
         self.sent = self.sent * math.exp((self.sent_at - now) / fade) + 1.0
         self.sent_at = now
         self.sent_tokens += tokens
+
+    def measure_stay(self, finished: float, finished_s: float) -> None:
+        """The mean time in the engine of the requests that finished since the last read
+        (vLLM's end-to-end latency: from arrival, queueing included), averaged with the
+        last measure; none finished: the last measure stands."""
+        done, spent = finished - self.finished, finished_s - self.finished_s
+        self.finished, self.finished_s = finished, finished_s
+        if done <= 0 or spent < 0:  # nothing finished, or a restart reset the counters
+            return
+        stay = max(MIN_STAY_S, spent / done)
+        self.stay_s = stay if self.stay_s is None else (self.stay_s + stay) / 2
 
 
 def parse(text: bytes) -> dict[str, float]:
@@ -72,7 +104,7 @@ def parse(text: bytes) -> dict[str, float]:
     Found with bytes.find rather than by splitting every line: an exposition is ~10 KB of
     histograms the picker does not read, and it reads one every 100 ms per endpoint."""
     found: dict[str, float] = {}
-    for name, key in (*GAUGES.items(), (QUERIES, "queries")):
+    for name, key in (*GAUGES.items(), *COUNTERS.items()):
         start = 0
         while (at := text.find(b"\n" + name, start)) >= 0:
             end = text.find(b"\n", at + 1)
@@ -173,6 +205,7 @@ class LoadWatcher:
                 queries = found.get("queries", 0.0)
                 restarted = queries < load.queries
                 load.queries = queries
+                load.measure_stay(found.get("finished", 0.0), found.get("finished_s", 0.0))
         if restarted:
             self._on_restart(endpoint)
         if load.up != was_up:

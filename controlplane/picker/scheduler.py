@@ -11,8 +11,9 @@ So a request follows its prefix unless that endpoint is busier than the others b
 than the prefix is worth: a conversation whose history is there (most of its prompt) stays
 through a few requests of difference, while a shared system prompt cached on one endpoint
 does not draw every new conversation there. Between two reads of the metrics, the requests
-(and prompt tokens) the picker sent an endpoint count as in it (fading over half a read
-interval), so a burst is spread.
+(and prompt tokens) the picker sent an endpoint count as in it, fading with the time a
+request stays in that engine (load.py), so a burst is spread but a sequential client's
+finished requests are not counted against its prefix.
 
 Two departures from llm-d, measured on the benchmark (docs/benchmarks.md): its queue scorer
 counts waiting requests only, min-max normalised, so it can never outweigh a prefix match
@@ -58,7 +59,8 @@ def rank(
 ) -> Ranked:
     """Rank `candidates` (call under the loads' lock). `cache_tokens`: a server's KV cache,
     to count the prompts the picker sent since the last read; `now` and `fade`: the time,
-    and how fast a sent request stops counting as in the engine (load.py)."""
+    and how fast a request stops counting as in an engine whose requests' stay was not
+    measured yet (load.py)."""
     queue = {e: loads[e].in_engine(now, fade) if e in loads else 0.0 for e in candidates}
     least = min(queue.values())
 
