@@ -212,8 +212,9 @@ def test_a_sequential_client_keeps_its_conversations_at_home_without_pausing():
     make an endpoint look busy enough to move a conversation from its history (from the
     second turn on, three blocks more than the system prompt every endpoint has)."""
     servers = Servers(3, prefill_ms_per_token=0.01)  # short requests: many between reads
-    with serving() as (_, http_port), contextlib.closing(servers):
-        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+    with (serving() as (_, http_port), contextlib.closing(servers),
+          contextlib.closing(http.client.HTTPConnection("127.0.0.1", http_port,
+                                                        timeout=5)) as connection):  # fmt: skip
         conversations = {f"chat{index}": [{"role": "system", "content": SYSTEM}]
                          for index in range(10)}  # fmt: skip
         homes: dict[str, set] = {name: set() for name in conversations}
@@ -226,7 +227,6 @@ def test_a_sequential_client_keeps_its_conversations_at_home_without_pausing():
                 home = chosen(ask_http(connection, body, servers.endpoints))[0]
                 homes[name].add(home)
                 messages.append({"role": "assistant", "content": complete(home, body)})
-        connection.close()
     assert all(len(served) == 1 for served in homes.values()), homes
 
 
