@@ -13,7 +13,8 @@ timeout, fail-open) in front of a route to a cluster with the `override_host` po
   answering at once with the same decision in JSON; `aiohttp-stub`: the same from aiohttp's
   low-level server (what a web framework adds);
 - `grpc-picker`, `http-picker`: the real picker (`switchyard picker`, one process serving
-  both transports) choosing among 4 simulated endpoints from the same body. Its CPU
+  both transports, its default engine: native where built) choosing among 4 simulated
+  endpoints from the same body; `http-python`: a second picker, `--engine python`. Its CPU
   includes its reads of the 4 endpoints' /metrics every 100 ms (on its event loop), shared
   between the two by the time their blocks take.
 
@@ -45,7 +46,8 @@ from common import ROOT, free_port, percentile, stop, wait_http
 
 CHOICE_HEADER = "x-gateway-destination-endpoint"
 EXT_PROC = "envoy.filters.http.ext_proc"
-VARIANTS = ("grpc-stub", "http-stub", "aiohttp-stub", "grpc-picker", "http-picker")
+VARIANTS = ("grpc-stub", "http-stub", "aiohttp-stub", "grpc-picker", "http-picker",
+            "http-python")
 STUBS = {"grpc-stub": "grpc", "http-stub": "http", "aiohttp-stub": "aiohttp"}
 
 
@@ -356,7 +358,7 @@ def run(variants: list[str], requests: int, block: int, pause: float) -> None:
         processors: dict[str, dict] = {}
         candidates = [f"127.0.0.1:{backend}"]
         try:
-            if any(v.endswith("-picker") for v in variants):
+            if any(v.endswith(("-picker", "-python")) for v in variants):
                 sims = [free_port() for _ in range(4)]
                 for port in sims:
                     children.append(subprocess.Popen(
@@ -368,18 +370,23 @@ def run(variants: list[str], requests: int, block: int, pause: float) -> None:
                 # The backend stands in for every endpoint the picker names: Envoy's
                 # override_host falls back to it (they are not the cluster's hosts).
                 candidates = [f"127.0.0.1:{port}" for port in sims]
-                grpc_port, http_port, metrics = free_port(), free_port(), free_port()
-                picker = subprocess.Popen(
-                    [sys.executable, "-m", "controlplane", "picker",
-                     "--listen", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
-                     "--metrics", f"127.0.0.1:{metrics}"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-                children.append(picker)
-                wait_http(f"http://127.0.0.1:{metrics}/metrics")
-                for variant, make, port in (("grpc-picker", grpc_processor, grpc_port),
-                                            ("http-picker", http_processor, http_port)):
-                    processors[variant] = make(variant, port, ",".join(candidates))
-                    processes[variant] = picker.pid
+                for engine, served in (("auto", (("grpc-picker", grpc_processor),
+                                                  ("http-picker", http_processor))),
+                                       ("python", (("http-python", http_processor),))):  # fmt: skip
+                    if not any(variant in variants for variant, _ in served):
+                        continue
+                    grpc_port, http_port, metrics = free_port(), free_port(), free_port()
+                    picker = subprocess.Popen(
+                        [sys.executable, "-m", "controlplane", "picker", "--engine", engine,
+                         "--listen", f"127.0.0.1:{grpc_port}",
+                         "--http", f"127.0.0.1:{http_port}", "--metrics", f"127.0.0.1:{metrics}"],
+                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                    children.append(picker)
+                    wait_http(f"http://127.0.0.1:{metrics}/metrics")
+                    for variant, make in served:
+                        port = grpc_port if make is grpc_processor else http_port
+                        processors[variant] = make(variant, port, ",".join(candidates))
+                        processes[variant] = picker.pid
             choice = ",".join(candidates)
             for variant, transport in STUBS.items():
                 if variant not in variants:

@@ -32,7 +32,8 @@ long, during a canary at 20 %: the share v2 served, and each version's hit rate.
 
 `--transports` (default `http`, the default of `picker.transport`): how Envoy asks the
 picker; with several (e.g. `http,grpc,http,grpc`), a fresh stack runs everything for each,
-one after the other, so the transports are compared in one run.
+one after the other, so the transports are compared in one run. `--engines` (default
+`auto`): `picker.engine` likewise (`native,python`: a stack of each, for every transport).
 
 Not a test: nothing fails on a missed goal; the load average is printed first and last.
 """
@@ -267,10 +268,14 @@ def main() -> None:
     parser.add_argument("--no-canary", dest="canary", action="store_false")
     parser.add_argument("--transports", default="http",
                         help="picker.transport of each stack, in turn: http, grpc or a list")
+    parser.add_argument("--engines", default="auto",
+                        help="picker.engine of each stack: auto, native, python or a list")
     args = parser.parse_args()
-    transports = args.transports.split(",")
+    transports, engines = args.transports.split(","), args.engines.split(",")
     if not set(transports) <= {"http", "grpc"}:
         parser.error(f"--transports: http or grpc, got {args.transports!r}")
+    if not set(engines) <= {"auto", "native", "python"}:
+        parser.error(f"--engines: auto, native or python, got {args.engines!r}")
 
     modes = args.modes.split(",")
     models = [{"name": mode, "routing": MODES[mode], "versions": [
@@ -283,17 +288,20 @@ def main() -> None:
           f"{args.seconds:g} s per run, {args.conversations} chats of {args.turns} turns; "
           f"load average {load_average()}", flush=True)  # fmt: skip
     for transport in transports:
-        print(f"\n== picker.transport: {transport} (load average {load_average()})", flush=True)
-        run_stack(args, modes, models, transport)
+        for engine in engines:
+            print(f"\n== picker.transport: {transport}, engine: {engine} (load average "
+                  f"{load_average()})", flush=True)  # fmt: skip
+            run_stack(args, modes, models, transport, engine)
     print(f"\nload average at the end {load_average()}")
 
 
-def run_stack(args, modes: list[str], models: list[dict], transport: str) -> None:
+def run_stack(args, modes: list[str], models: list[dict], transport: str, engine: str) -> None:
     """One `switchyard up`: every workload in every mode, then the canary."""
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
         access_log = Path(tmp) / "access.log"
         base = {"proxy": {"access_log": str(access_log)},
-                "picker": {"cache_tokens": CACHE_TOKENS, "transport": transport}}  # fmt: skip
+                "picker": {"cache_tokens": CACHE_TOKENS, "transport": transport,
+                           "engine": engine}}  # fmt: skip
         with switchyard_up(Path(tmp), models, base=base, timeout=120) as stack:
             pids = Path(stack.config["state_dir"]) / "pids"
             for mode in modes:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per prompt block it hashes (4 characters each)")
     picker.add_argument("--max-prefix-tokens", type=int, default=8192,
                         help="leading prompt tokens it matches")  # fmt: skip
+    picker.add_argument("--engine", choices=("auto", "native", "python"), default="auto",
+                        help="native: the C engine (fails if not built); auto: native if built")
     picker.add_argument("--cache-tokens", type=int, default=262144,
                         help="tokens it remembers per endpoint (the servers' prefix cache)")
 
@@ -272,7 +274,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_picker(args: argparse.Namespace) -> int:
     from controlplane.picker.scheduler import Weights
-    from controlplane.picker.service import Settings, run
+    from controlplane.picker.service import Settings, native_missing, run
 
     weights = {}
     for pair in filter(None, args.weights.split(",")):
@@ -298,11 +300,13 @@ def cmd_picker(args: argparse.Namespace) -> int:
                 split_hostport(address)
     except ValueError as exc:
         raise CliError(f"--listen/--http/--metrics: {exc}", code=2) from None
+    if args.engine == "native" and native_missing():
+        raise CliError(f"--engine native: {native_missing()}", code=2)
     run(Settings(
         listen=args.listen, http=args.http, metrics=args.metrics,
         scrape_interval_s=args.scrape_interval_ms / 1000, weights=Weights(**weights),
         block_size=args.block_size, max_prefix_tokens=args.max_prefix_tokens,
-        cache_tokens=args.cache_tokens,
+        cache_tokens=args.cache_tokens, engine=args.engine,
     ))  # fmt: skip
     return 0
 

@@ -358,6 +358,11 @@ class PickerSettings(Strict):
     # a second loopback port: a fraction of a gRPC call's CPU) or `grpc` (GIE's protocol, on
     # listen.picker). The picker serves both either way: a GIE gateway speaks gRPC.
     transport: Literal["http", "grpc"] = "http"
+    # Which code decides: `native` (C, controlplane/picker/_native.c: the HTTP exchange and
+    # the decision on a thread of its own, never waiting for Python), `python` (the same
+    # decision in Python), or `auto`: native when it was built at install (a C compiler was
+    # there), else python. Both serve both transports; `native` refuses to start unbuilt.
+    engine: Literal["auto", "native", "python"] = "auto"
     # How often it reads each endpoint's vLLM /metrics (queue, KV cache).
     scrape_interval_ms: StrictInt = Field(100, ge=10, le=10_000)
     weights: PickerWeights = PickerWeights()

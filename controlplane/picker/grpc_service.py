@@ -21,7 +21,6 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 
 from controlplane.config import split_hostport
-from controlplane.picker import metrics
 from controlplane.xds.resources import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
@@ -116,7 +115,7 @@ class GrpcService:
                 DESTINATION_HEADER
             ].string_value = choice
             payload = response.SerializeToString()
-        metrics.pick_seconds.observe(time.perf_counter() - started)
+        self.picker.observe(time.perf_counter() - started)
         return payload
 
 

@@ -25,13 +25,13 @@ import base64
 import binascii
 import json
 import logging
+import socket
 import time
 
 import pybase64
 
 from controlplane import logs
 from controlplane.config import split_hostport
-from controlplane.picker import metrics
 from controlplane.picker.http1 import BadMessage, read_body, read_head
 from controlplane.xds.resources import (
     DESTINATION_HEADER,
@@ -60,6 +60,7 @@ class HttpService:
         self.port = 0
         self._loop = loop  # the picker's, running in its own thread (service.serve)
         self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None  # the native engine's listening socket
         self._connections: set[asyncio.Transport] = set()
         self._answers: dict[tuple[str, str], bytes] = {}  # (kind, decision) -> the JSON
 
@@ -68,7 +69,15 @@ class HttpService:
         return f"{split_hostport(self.listen)[0]}:{self.port}"
 
     def start(self) -> None:
-        """Listen (OSError if the port is taken), then serve on the loop."""
+        """Listen (OSError if the port is taken), then serve: on the native engine's own
+        thread, or on the loop."""
+        native = self.picker.native
+        if native is not None:
+            host, port = split_hostport(self.listen)
+            self._socket = socket.create_server((host, port))  # SO_REUSEADDR, as below
+            self.port = self._socket.getsockname()[1]
+            native.serve(self._socket.fileno())
+            return
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
 
     async def _listen(self) -> None:
@@ -79,6 +88,10 @@ class HttpService:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
+        if self._socket is not None:
+            self.picker.native.close()  # its thread stops using the socket first
+            self._socket.close()
+            self._socket = None
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
 
@@ -113,7 +126,7 @@ class HttpService:
             if len(self._answers) >= _MAX_ANSWERS:
                 self._answers.clear()
             self._answers[(kind, choice)] = payload
-        metrics.pick_seconds.observe(time.perf_counter() - started)
+        self.picker.observe(time.perf_counter() - started)
         return payload
 
 

@@ -130,12 +130,18 @@ class LoadWatcher:
         lock: threading.Lock,
         on_restart: Callable[[str], None] = lambda endpoint: None,
         on_read: Callable[[str, bool], None] = lambda endpoint, ok: None,
+        named_at: Callable[[str], float | None] | None = None,
+        on_forget: Callable[[str], None] | None = None,
     ) -> None:
+        """`named_at`, `on_forget`: when another engine decides (the native one), when it
+        last named an endpoint, and that the endpoint is no longer read."""
         self.interval = interval
         self.lock = lock
         self.loads: dict[str, Load] = {}
         self._on_restart = on_restart
         self._on_read = on_read
+        self._named_at = named_at
+        self._on_forget = on_forget
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: dict[str, Reader] = {}  # used on the loop only
 
@@ -181,10 +187,14 @@ class LoadWatcher:
         read, and its reader is dropped)."""
         with self.lock:
             load = self.loads.get(endpoint)
+            if load is not None and self._named_at is not None:
+                load.named_at = max(load.named_at, self._named_at(endpoint) or 0.0)
             if load is not None and time.monotonic() - load.named_at <= FORGET_AFTER_S:
                 return False
             self.loads.pop(endpoint, None)
         self._readers.pop(endpoint, None)
+        if self._on_forget is not None:
+            self._on_forget(endpoint)
         return True
 
     def _apply(self, endpoint: str, found: dict[str, float] | None) -> None:

@@ -23,8 +23,10 @@ loses only the latter; meanwhile Envoy picks by least request (fail-open, resour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -59,29 +61,59 @@ class Settings:
     max_prefix_tokens: int = 8192
     cache_tokens: int = 262144
     workers: int = 16
+    engine: str = "auto"  # native | python | auto (native if built)
+
+
+def native_missing() -> str | None:
+    """Why the native engine cannot run here (None: it can): it is built at install, where a
+    C compiler is found (setup.py)."""
+    try:
+        from controlplane.picker import _native  # noqa: F401
+    except ImportError as exc:
+        return f"not built at install (no C compiler?): {exc}"
+    return None
 
 
 class Picker:
-    """The decision and the state it comes from, shared by both transports (thread-safe)."""
+    """The decision and the state it comes from, shared by both transports (thread-safe).
+
+    Decided by one of two engines with the same behaviour: `native` (C: the prefix index,
+    the loads and the ranking, and the HTTP transport on a thread of its own) or `python`
+    (below). Either way the endpoints' metrics are read here, in Python (load.py); the
+    native engine is told each read."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.lock = threading.Lock()  # the loads and the prefix index
+        self.native = None
+        self._wake_read, self._wake_write = -1, -1  # the native engine: an endpoint is new
+        if settings.engine != "python" and not (missing := native_missing()):
+            self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.native = _native_engine(settings, self._wake_write)
+        elif settings.engine == "native":
+            raise RuntimeError(f"picker engine native: {missing}")
+        self.decisions = self.native or metrics.Decisions()
+        self.watcher = LoadWatcher(
+            settings.scrape_interval_s, self.lock, on_restart=self._restarted,
+            on_read=self._read, named_at=self.native.named_at if self.native else None,
+            on_forget=self.native.drop if self.native else None,
+        )  # fmt: skip
         self.index = PrefixIndex(max(1, settings.cache_tokens // settings.block_size))
-        self.watcher = LoadWatcher(settings.scrape_interval_s, self.lock,
-                                   on_restart=self._restarted, on_read=self._read)  # fmt: skip
         self._block_chars = block_chars(settings.block_size)
         self._max_blocks = max(1, settings.max_prefix_tokens // settings.block_size)
-        self._metrics: dict[tuple[str, str], tuple] = {}
+
+    @property
+    def engine(self) -> str:
+        return "native" if self.native is not None else "python"
 
     def decide(self, pool: str, candidates: list[str], body: bytes | None) -> str | None:
         """The endpoints to use for this request, best first, as GIE writes them
         (`ip:port,ip:port`); None without candidates (Envoy then picks by least request).
         `pool` (`<model>@<version>`) only labels the metrics; `body` None: load alone."""
-        model, _, version = pool.rpartition("@")
-        picks, prompt_blocks, matched_blocks = self._series(model, version)
+        if self.native is not None:
+            return self.native.decide(pool, candidates, body)
         if not candidates:
-            picks["none"].inc()
+            self.decisions.count(pool, "none")
             return None
         hashes: list[int] = []
         text = ""
@@ -92,10 +124,7 @@ class Picker:
                 text = ""
             hashes = block_hashes(text, self._block_chars, self._max_blocks)
         ranked = self.choose(candidates, hashes, len(text) // CHARS_PER_TOKEN)
-        picks[ranked.reason].inc()
-        if hashes:
-            prompt_blocks.inc(len(hashes))
-            matched_blocks.inc(ranked.matched)
+        self.decisions.count(pool, ranked.reason, len(hashes), ranked.matched)
         return ",".join(ranked.endpoints)
 
     def choose(self, candidates: list[str], hashes: list[int], tokens: int) -> Ranked:
@@ -114,28 +143,70 @@ class Picker:
                 self.index.record(chosen, hashes)
         return ranked
 
-    def _series(self, model: str, version: str):
-        """A version's metric series, looked up once (labels() costs on the hot path)."""
-        found = self._metrics.get((model, version))
-        if found is None:
-            found = self._metrics[(model, version)] = (
-                {reason: metrics.picks.labels(model, version, reason)
-                 for reason in ("prefix", "load", "none")},
-                metrics.prompt_blocks.labels(model, version),
-                metrics.matched_blocks.labels(model, version),
-            )  # fmt: skip
-        return found
+    def observe(self, seconds: float) -> None:
+        """One answer took this long (switchyard_picker_pick_seconds)."""
+        self.decisions.observe(seconds)
+
+    def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
+        for fd in (self._wake_read, self._wake_write):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_read = self._wake_write = -1
 
     # -- from the load watcher ---------------------------------------------------------------
 
+    def watch_new_endpoints(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The native engine decides without Python: it tells of an endpoint it had not seen
+        through a pipe, and the watcher starts reading it (call on `loop`)."""
+        if self.native is not None:
+            loop.add_reader(self._wake_read, self._new_endpoints)
+
+    def _new_endpoints(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_read, 4096):
+                pass
+        new = self.native.new_endpoints()
+        if new:
+            with self.lock:
+                self.watcher.named(new, time.monotonic())
+
     def _restarted(self, endpoint: str) -> None:
-        with self.lock:
-            self.index.forget(endpoint)
+        if self.native is not None:
+            self.native.forget(endpoint)
+        else:
+            with self.lock:
+                self.index.forget(endpoint)
         logs.event(log, "picker.endpoint_restarted", endpoint=endpoint)
 
     def _read(self, endpoint: str, ok: bool) -> None:
         metrics.reads.labels("ok" if ok else "failed").inc()
         metrics.endpoints.set(len(self.watcher.loads))
+        if self.native is not None:
+            with self.lock:
+                load = self.watcher.loads.get(endpoint)
+                if load is None:
+                    return
+                values = (load.up, load.waiting, load.running, load.kv_cache, load.stay_s or 0.0)
+            self.native.read(endpoint, *values)
+
+
+def _native_engine(settings: Settings, notify_fd: int):
+    from controlplane.picker import _native
+    from controlplane.xds.resources import PICKER_ATTRIBUTES, PICKER_HTTP_PATH
+
+    weights = settings.weights
+    return _native.Engine(
+        block_chars=block_chars(settings.block_size),
+        max_blocks=max(1, settings.max_prefix_tokens // settings.block_size),
+        capacity_blocks=max(1, settings.cache_tokens // settings.block_size),
+        cache_tokens=settings.cache_tokens, w_prefix=weights.prefix, w_queue=weights.queue,
+        w_kv=weights.kv_cache, queue_unit=weights.queue_unit,
+        default_fade=settings.scrape_interval_s / 2, path=PICKER_HTTP_PATH,
+        pool_attribute=PICKER_ATTRIBUTES[0], subset_attribute=PICKER_ATTRIBUTES[1],
+        notify_fd=notify_fd,
+    )  # fmt: skip
 
 
 def serve(settings: Settings, stop: threading.Event) -> int:
@@ -145,6 +216,9 @@ def serve(settings: Settings, stop: threading.Event) -> int:
     from controlplane.picker.http_service import HttpService
 
     picker = Picker(settings)
+    metrics.decisions.source = picker.decisions
+    logs.event(log, "picker.engine", engine=picker.engine,
+               reason=native_missing() or "-" if picker.engine == "python" else "-")  # fmt: skip
     # One event loop thread serves HTTP and reads the endpoints' metrics (load.py).
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="picker-loop", daemon=True)
@@ -154,6 +228,7 @@ def serve(settings: Settings, stop: threading.Event) -> int:
     listening = False
     try:
         picker.watcher.start(loop)
+        loop.call_soon_threadsafe(picker.watch_new_endpoints, loop)
         if http_service is not None:
             http_service.start()
         grpc_service.start()
@@ -173,6 +248,7 @@ def serve(settings: Settings, stop: threading.Event) -> int:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+        picker.close()
         if listening:
             logs.event(log, "picker.stopped")
     return grpc_service.port

@@ -33,6 +33,7 @@ def picker_argv(
         "--block-size", str(settings.block_size),
         "--max-prefix-tokens", str(settings.max_prefix_tokens),
         "--cache-tokens", str(settings.cache_tokens),
+        "--engine", settings.engine,
     ]  # fmt: skip
     if http:
         argv += ["--http", http]
