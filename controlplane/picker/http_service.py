@@ -10,7 +10,9 @@ This transport carries no gRPC metadata: the version and its candidates come as 
 attributes, which Envoy evaluates from the route's metadata (resources.PICKER_ATTRIBUTES),
 or as GIE's subset hint in metadata `envoy.lb.subset_hint`.
 
-A plain asyncio protocol (framing: http1.py), not a web framework: measured, a POST
+With the native engine (service.Picker, docs/routing.md) this port is served in C on the
+engine's own thread and nothing below runs; with the Python engine, this:
+a plain asyncio protocol (framing: http1.py), not a web framework: measured, a POST
 answered this way costs ~0.08 ms of CPU, a grpcio call ~0.6 ms (bench/
 bench_picker_transport.py). It runs on the picker's event loop, the one that also reads the
 endpoints' metrics (load.py): one thread, so the requests never wait for another to hand

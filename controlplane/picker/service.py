@@ -7,8 +7,8 @@ a header mutation and in dynamic metadata `envoy.lb`, which Envoy's `override_ho
 load-balancing policy reads. The candidates are the endpoints of the version the weighted
 split chose, which come with each request.
 
-Both transports are Envoy's ext_proc protocol and share `Picker.decide`; each only parses
-and serialises:
+Both transports are Envoy's ext_proc protocol and share `Picker.decide` (made by the native
+engine, `_native.c`, where it was built, else in Python); each only parses and serialises:
 - gRPC (grpc_service.py, `listen`): GIE's endpoint-picker protocol, for a GIE gateway or
   Switchyard's Envoy with `picker.transport: grpc`;
 - HTTP (http_service.py, `http`): ext_proc's `http_service`, the same messages as JSON over
