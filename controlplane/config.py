@@ -375,6 +375,17 @@ class PickerSettings(Strict):
     # Blocks it remembers per endpoint, in tokens: the servers' prefix cache (their KV cache).
     cache_tokens: StrictInt = Field(262144, ge=16)
 
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        """`native` where it was not built: refused at load time, not a picker that exits
+        and restarts for ever."""
+        from controlplane.picker import native_missing
+
+        if value == "native" and (missing := native_missing()):
+            raise ValueError(f"native: {missing}")
+        return value
+
 
 class HealthSettings(Strict):
     # How often every Envoy pushes its stats (its `stats_flush_interval`): the resolution of

@@ -156,6 +156,18 @@ def test_envoy_asks_the_picker_over_http_unless_told_grpc():
     assert parse_config({"picker": {"transport": "grpc"}}).picker.transport == "grpc"
 
 
+def test_the_native_picker_engine_is_refused_at_load_where_it_was_not_built(monkeypatch):
+    """Not a picker that exits and restarts for ever: `switchyard up` stops at the key."""
+    import controlplane.picker
+
+    assert parse_config({"picker": {"engine": "native"}}).picker.engine == "native"  # built
+    monkeypatch.setattr(controlplane.picker, "native_missing", lambda: "not built at install")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"picker": {"engine": "native"}})
+    assert "picker.engine: native: not built at install" in caught.value.message
+    assert parse_config({"picker": {"engine": "auto"}}).picker.engine == "auto"
+
+
 def test_yaml_booleans_are_caught(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(

@@ -524,6 +524,24 @@ def test_the_native_engine_cuts_prompts_into_the_blocks_the_python_one_does():
         picker.close()
 
 
+def test_both_engines_count_a_pick_time_in_the_same_bucket():
+    """switchyard_picker_pick_seconds' bounds are written twice (metrics.py, _native.c): on
+    each bound, just above it, below the first and beyond the last, the same bucket."""
+    from controlplane.picker.metrics import PICK_BUCKETS, Decisions
+
+    assert native_missing() is None, native_missing()
+    picker, python = Picker(Settings(engine="native")), Decisions()
+    try:
+        for seconds in (0.0, *PICK_BUCKETS, *(bound * 1.01 for bound in PICK_BUCKETS), 5.0):
+            picker.native.observe(seconds)
+            python.observe(seconds)
+        native = picker.native.stats()
+        assert native["pick_buckets"] == python.stats()["pick_buckets"]
+        assert native["pick_sum"] == pytest.approx(python.stats()["pick_sum"])
+    finally:
+        picker.close()
+
+
 def test_without_the_native_engine_auto_decides_in_python_and_native_refuses(monkeypatch):
     """An install without a C compiler: `auto` (the default) runs the Python engine; asking
     for `native` is an error that says why, not a silent fallback."""

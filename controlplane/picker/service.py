@@ -36,7 +36,7 @@ from prometheus_client import start_http_server
 
 from controlplane import logs
 from controlplane.config import split_hostport
-from controlplane.picker import metrics
+from controlplane.picker import metrics, native_missing
 from controlplane.picker.load import LoadWatcher
 from controlplane.picker.prefix import PrefixIndex
 from controlplane.picker.scheduler import Ranked, Weights, rank
@@ -62,16 +62,6 @@ class Settings:
     cache_tokens: int = 262144
     workers: int = 16
     engine: str = "auto"  # native | python | auto (native if built)
-
-
-def native_missing() -> str | None:
-    """Why the native engine cannot run here (None: it can): it is built at install, where a
-    C compiler is found (setup.py)."""
-    try:
-        from controlplane.picker import _native  # noqa: F401
-    except ImportError as exc:
-        return f"not built at install (no C compiler?): {exc}"
-    return None
 
 
 class Picker:
