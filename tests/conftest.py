@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import yaml
@@ -40,10 +41,22 @@ def require_program(program: str, how: str) -> str:
     found = program if os.sep in program and os.path.exists(program) else shutil.which(program)
     if found:
         return found
-    message = f"{program} is missing: {how}"
+    missing(f"{program} is missing: {how}")
+
+
+def missing(message: str) -> NoReturn:
+    """Something a test runs for real is not here: skip, saying `message`; under CI fail."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message} (CI runs every test)", pytrace=False)
     pytest.skip(message)
+
+
+def require_native_picker() -> None:
+    """The picker's native engine, built by `make test` (setup.py; it needs gcc)."""
+    from controlplane.picker import native_missing
+
+    if reason := native_missing():
+        missing(f"the picker's native engine is {reason}: run make test, which builds it")
 
 
 def free_port() -> int:

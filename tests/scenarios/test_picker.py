@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.request
 
-from tests.conftest import ROOT, free_ports, stop_process, wait_until
+from tests.conftest import ROOT, free_ports, require_native_picker, stop_process, wait_until
 from tests.scenarios.conftest import MODEL, version_of
 from tests.test_picker import ask_http, chosen
 
@@ -28,6 +28,7 @@ def reads(metrics_port: int) -> dict[str, float]:
 
 
 def test_the_picker_reads_the_live_servers_metrics_and_lists_a_dead_endpoint_last(tiny):
+    require_native_picker()
     server = version_of(tiny, "v1")["endpoints"][0].split("://", 1)[-1]
     grpc_port, http_port, metrics_port, dead_port = free_ports(4)
     dead = f"127.0.0.1:{dead_port}"  # nothing listens there
